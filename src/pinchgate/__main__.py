@@ -1,0 +1,3 @@
+from pinchgate.cli import app
+
+app(prog_name="pinchgate")

@@ -1,0 +1,1 @@
+"""Speech data: corpus readers, audio loading, text normalisation, vocabulary, batching."""

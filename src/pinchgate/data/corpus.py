@@ -1,0 +1,234 @@
+"""Corpus readers (LibriSpeech layout, TSV/JSONL manifests) and the checks run before use.
+
+Fatal problems (a path that does not exist, nothing usable) raise CorpusError. Problems
+with single utterances are collected as `Problem`s, skipped, counted and reported, so a
+run never dies on one bad file and never hides one either.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pinchgate.data.audio import audio_duration
+from pinchgate.data.text import normalize_transcript
+from pinchgate.errors import AudioError, CorpusError
+
+AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3", ".opus")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    utt_id: str
+    audio_path: Path
+    transcript: str
+    duration: float | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One skipped utterance: where it is, and what is wrong with it."""
+
+    kind: str
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+@dataclass
+class CorpusReport:
+    """What a reader and the checks kept and dropped, for the run log."""
+
+    source: str
+    kept: int = 0
+    kept_seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return dict(Counter(p.kind for p in self.problems))
+
+    def summary(self) -> str:
+        dropped = ", ".join(f"{n} {kind}" for kind, n in sorted(self.dropped.items()))
+        hours = self.kept_seconds / 3600
+        text = f"{self.source}: {self.kept} utterances ({hours:.2f} h) kept"
+        return text + (f"; skipped: {dropped}" if dropped else "")
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "kept": self.kept,
+            "kept_seconds": round(self.kept_seconds, 3),
+            "dropped": self.dropped,
+            "problems": [str(p) for p in self.problems],
+        }
+
+
+def read_corpus(path: str | Path) -> tuple[list[Utterance], list[Problem]]:
+    """Read a LibriSpeech-layout directory or a .tsv / .jsonl manifest."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"{path}: corpus path does not exist")
+    if path.is_dir():
+        return read_librispeech(path)
+    if path.suffix in (".tsv", ".jsonl", ".json"):
+        return read_manifest(path)
+    raise CorpusError(
+        f"{path}: not a corpus: expected a LibriSpeech-layout directory or a .tsv/.jsonl manifest"
+    )
+
+
+def read_librispeech(root: str | Path) -> tuple[list[Utterance], list[Problem]]:
+    """`speaker/chapter/*.trans.txt` lines `UTT-ID TRANSCRIPT`, audio `UTT-ID.<ext>` beside it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusError(f"{root}: corpus directory does not exist")
+    trans_files = sorted(root.rglob("*.trans.txt"))
+    if not trans_files:
+        raise CorpusError(f"{root}: no *.trans.txt files found (expected speaker/chapter layout)")
+    utterances: list[Utterance] = []
+    problems: list[Problem] = []
+    for trans in trans_files:
+        audio_by_id = {p.stem: p for p in trans.parent.iterdir() if p.suffix in AUDIO_SUFFIXES}
+        for line_no, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            utt_id, _, text = line.strip().partition(" ")
+            location = f"{trans}:{line_no}"
+            audio = audio_by_id.get(utt_id)
+            if audio is None:
+                problems.append(
+                    Problem("missing_audio", location, f"no audio file for utterance {utt_id}")
+                )
+                continue
+            utterances.append(Utterance(utt_id, audio, text.strip()))
+    return utterances, problems
+
+
+def read_manifest(path: str | Path) -> tuple[list[Utterance], list[Problem]]:
+    """TSV with a header (`path`/`audio`, `text`/`transcript`, optional `id`, `duration`)
+    or JSONL with the same keys. Relative audio paths are relative to the manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: manifest does not exist")
+    try:
+        rows = _manifest_rows(path)
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise CorpusError(f"{path}: unreadable manifest ({exc})") from None
+    utterances: list[Utterance] = []
+    problems: list[Problem] = []
+    for line_no, row in rows:
+        location = f"{path}:{line_no}"
+        audio = row.get("path") or row.get("audio") or row.get("audio_path")
+        text = row.get("text", row.get("transcript"))
+        if not audio:
+            problems.append(Problem("bad_row", location, "row has no audio path"))
+            continue
+        if text is None:
+            problems.append(Problem("empty_transcript", location, "row has no transcript"))
+            continue
+        audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
+        utt_id = str(row.get("id") or row.get("utt_id") or Path(audio).stem)
+        duration = row.get("duration")
+        try:
+            duration = float(duration) if duration not in (None, "") else None
+        except ValueError:
+            problems.append(Problem("bad_row", location, f"duration {duration!r} is not a number"))
+            continue
+        utterances.append(Utterance(utt_id, audio_path, str(text).strip(), duration))
+    return utterances, problems
+
+
+def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append((line_no, json.loads(line)))
+        return rows
+    reader = csv.DictReader(text.splitlines(), delimiter="\t")
+    if reader.fieldnames is None or not {"path", "audio", "audio_path"} & set(reader.fieldnames):
+        raise CorpusError(f"{path}: TSV manifest needs a header with a 'path' and 'text' column")
+    return [(line_no, row) for line_no, row in enumerate(reader, 2)]
+
+
+def check_utterances(
+    utterances: list[Utterance],
+    vocab: set[str] | None = None,
+    max_duration: float | None = None,
+    min_duration: float = 0.0,
+) -> tuple[list[Utterance], list[Problem]]:
+    """Normalise transcripts and drop what cannot be used: unreadable or zero-length audio,
+    clips outside [min_duration, max_duration], empty transcripts, characters outside
+    `vocab` (when given). Durations are read from file headers, not by decoding."""
+    kept: list[Utterance] = []
+    problems: list[Problem] = []
+    for utt in utterances:
+        where = str(utt.audio_path)
+        text = normalize_transcript(utt.transcript)
+        if not text:
+            problems.append(Problem("empty_transcript", where, "transcript is empty"))
+            continue
+        if not utt.audio_path.is_file():
+            problems.append(Problem("missing_audio", where, "audio file does not exist"))
+            continue
+        try:
+            duration = audio_duration(utt.audio_path)
+        except AudioError as exc:
+            problems.append(Problem("unreadable_audio", where, str(exc).split(": ", 1)[-1]))
+            continue
+        if duration <= 0.0:
+            problems.append(Problem("zero_length", where, "audio has zero length"))
+            continue
+        if max_duration is not None and duration > max_duration:
+            problems.append(
+                Problem(
+                    "too_long", where, f"{duration:.1f} s is over --max-duration {max_duration}"
+                )
+            )
+            continue
+        if duration < min_duration:
+            problems.append(
+                Problem("too_short", where, f"{duration:.2f} s is under the minimum {min_duration}")
+            )
+            continue
+        if vocab is not None:
+            unknown = sorted({c for c in text.replace(" ", "") if c not in vocab})
+            if unknown:
+                problems.append(
+                    Problem(
+                        "out_of_vocabulary",
+                        where,
+                        f"transcript has characters outside the vocabulary: {''.join(unknown)!r}",
+                    )
+                )
+                continue
+        kept.append(Utterance(utt.utt_id, utt.audio_path, text, duration))
+    return kept, problems
+
+
+def load_corpus(
+    path: str | Path,
+    vocab: set[str] | None = None,
+    max_duration: float | None = None,
+    min_duration: float = 0.0,
+) -> tuple[list[Utterance], CorpusReport]:
+    """Read and check a corpus; fatal when nothing usable is left."""
+    raw, read_problems = read_corpus(path)
+    kept, check_problems = check_utterances(raw, vocab, max_duration, min_duration)
+    report = CorpusReport(
+        source=str(path),
+        kept=len(kept),
+        kept_seconds=sum(u.duration or 0.0 for u in kept),
+        problems=read_problems + check_problems,
+    )
+    if not kept:
+        first = f" (first problem: {report.problems[0]})" if report.problems else ""
+        raise CorpusError(f"{path}: no usable utterances{first}")
+    return kept, report

@@ -1,0 +1,47 @@
+"""Shared fixtures: a small generated corpus and a tiny random wav2vec2, nothing downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests must never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["PINCHGATE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory) -> Path:
+    """Tone-alphabet corpus with small train/dev/test splits in LibriSpeech layout."""
+    from pinchgate.data.toy import build_toy_corpus
+
+    root = tmp_path_factory.mktemp("toy")
+    return build_toy_corpus(root, seed=0, sizes={"train": 24, "dev": 6, "test": 6})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, toy_corpus) -> Path:
+    """A saved tiny Wav2Vec2ForCTC with vocab.json and preprocessor, as `finetune` writes."""
+    from pinchgate.data.corpus import read_corpus
+    from pinchgate.data.vocab import build_vocab, load_tokenizer, save_vocab
+    from pinchgate.models import build_model, feature_extractor_for
+
+    utterances, _ = read_corpus(toy_corpus / "train")
+    path = tmp_path_factory.mktemp("model")
+    tokenizer = load_tokenizer(
+        save_vocab(build_vocab(u.transcript for u in utterances), path / "vocab.json")
+    )
+    model = build_model(len(tokenizer), tokenizer.pad_token_id)
+    model.save_pretrained(path)
+    feature_extractor_for(model.config).save_pretrained(path)
+    return path

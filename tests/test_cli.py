@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from pinchgate.cli import app
+
+runner = CliRunner()
+COMMANDS = [
+    [],
+    ["finetune"],
+    ["evaluate"],
+    ["info"],
+    ["vocab"],
+    ["data"],
+    ["data", "toy"],
+    ["data", "check"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "main")
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_missing_corpus_is_one_clear_line(tmp_path):
+    missing = tmp_path / "no-such-corpus"
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            "toy",
+            "--train",
+            str(missing),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert f"{missing}: corpus path does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_option_value_is_named(tmp_path, toy_corpus):
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--train",
+            str(toy_corpus / "train"),
+            "--max-steps",
+            "0",
+            "--output-dir",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert result.exit_code == 2 and "--max-steps 0: must be > 0" in result.output
+
+
+def test_model_without_weights_is_refused(tmp_path, toy_corpus):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "wav2vec2"}')
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tmp_path / "m"),
+            "--train",
+            str(toy_corpus / "train"),
+            "--output-dir",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert result.exit_code == 2 and "no model weights" in result.output
+
+
+def test_data_check_reports_problems(tmp_path, toy_corpus):
+    result = runner.invoke(app, ["data", "check", str(toy_corpus / "dev"), "--max-duration", "1"])
+    assert result.exit_code == 0
+    assert "skipped" in result.output and "over --max-duration" in result.output
+
+
+def test_info_counts_parameters(tiny_model_dir):
+    result = runner.invoke(app, ["info", str(tiny_model_dir)])
+    assert result.exit_code == 0 and "parameters" in result.output and "lm_head" in result.output

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from pinchgate.config import FinetuneConfig
+from pinchgate.errors import PinchgateError
+from pinchgate.train import run_finetune
+
+
+def tiny_config(toy_corpus: Path, out: Path, **changes) -> FinetuneConfig:
+    cfg = FinetuneConfig.toy()
+    cfg.train = str(toy_corpus / "train")
+    cfg.dev = None
+    cfg.test = [str(toy_corpus / "test")]
+    cfg.output_dir = str(out)
+    cfg.batch_seconds = 4.0
+    cfg.eval_every = 0
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_few_steps_lower_the_loss_on_an_overfit_set(toy_corpus, tmp_path):
+    cfg = tiny_config(
+        toy_corpus, tmp_path / "run", max_steps=40, log_every=10, warmup_steps=5, save_every=40
+    )
+    results = run_finetune(cfg)
+    losses = [row["loss"] for row in metrics(tmp_path / "run") if "loss" in row]
+    assert losses[-1] < 0.5 * losses[0]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "vocab.json", "data_report.json", "results.json"):
+        assert (run / name).is_file(), name
+    assert FinetuneConfig.load(run / "config.yaml") == cfg  # the saved config reruns the run
+    assert results["steps"] == 40
+    rows = (run / "eval" / "test.jsonl").read_text().splitlines()
+    assert len(rows) == 6
+    from transformers import AutoModelForCTC
+
+    model = AutoModelForCTC.from_pretrained(run / "model")  # stock transformers loads it
+    assert model.config.vocab_size == len(json.loads((run / "vocab.json").read_text()))
+
+
+def _command(toy_corpus: Path, out: Path, steps: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pinchgate",
+        "finetune",
+        "--train",
+        str(toy_corpus / "train"),
+        "--test",
+        str(toy_corpus / "test"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--save-every",
+        "5",
+        "--log-every",
+        "1",
+        "--batch-seconds",
+        "4",
+        "--eval-every",
+        "0",
+    ]
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(toy_corpus, tmp_path):
+    steps = 60
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_command(toy_corpus, reference, steps), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _command(toy_corpus, killed, steps),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = metrics(killed) if (killed / "metrics.jsonl").exists() else []
+        if done and done[-1]["step"] >= 12:  # past two checkpoints, mid-way to a third
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "results.json").exists()
+
+    result = subprocess.run(
+        _command(toy_corpus, killed, steps), env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr
+    final = json.loads((killed / "results.json").read_text())
+    assert final["steps"] == steps
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == [
+        "step-0000055",
+        "step-0000060",
+    ]
+    assert not list((killed / "checkpoints").glob(".*tmp*"))
+    # Same data order, optimiser, scheduler and RNG: the same weights as without the kill.
+    a = load_file(reference / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-5, key
+
+
+def test_resume_with_another_config_is_refused(toy_corpus, tmp_path):
+    cfg = tiny_config(toy_corpus, tmp_path / "run", max_steps=2, save_every=1)
+    run_finetune(cfg)
+    changed = tiny_config(toy_corpus, tmp_path / "run", max_steps=2, learning_rate=1.0)
+    with pytest.raises(PinchgateError, match="another configuration.*learning_rate"):
+        run_finetune(changed)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
+def test_two_processes_agree_on_the_weights(toy_corpus, tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "ddp"
+    command = [torchrun, "--nproc_per_node", "2", "-m", "pinchgate"]
+    command += _command(toy_corpus, out, 4)[3:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = json.loads((out / "results.json").read_text())
+    assert final["processes"] == 2 and final["replicas_agree"] is True
+    assert final["steps"] == 4
