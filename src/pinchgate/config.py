@@ -55,14 +55,14 @@ class FinetuneConfig:
             test=["toy:test"],
             output_dir="runs/toy-finetune",
             freeze_feature_encoder=False,  # random CNN: it must learn, unlike a pretrained one
-            max_steps=400,
-            learning_rate=2e-3,
-            warmup_steps=40,
+            max_steps=1000,  # the CTC loss leaves its plateau after ~400 steps at this rate
+            learning_rate=1e-3,
+            warmup_steps=100,
             batch_seconds=16.0,
             max_duration=10.0,
-            log_every=20,
-            save_every=100,
-            eval_every=200,
+            log_every=50,
+            save_every=250,
+            eval_every=250,
         )
 
     def to_dict(self) -> dict:
