@@ -62,3 +62,10 @@ def test_freeze_feature_encoder():
     model.freeze_feature_encoder()
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith("wav2vec2.feature_extractor.") for n in frozen)
+
+
+def test_fp16_checkpoints_load_as_fp32(tmp_path):
+    model = build_model(vocab_size=10).half()
+    model.save_pretrained(tmp_path)
+    loaded = load_ctc_model(tmp_path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())

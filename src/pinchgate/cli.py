@@ -96,18 +96,97 @@ def finetune(
     from pinchgate.config import FinetuneConfig
     from pinchgate.train import run_finetune
 
-    if config is not None:
-        cfg = FinetuneConfig.load(config)
-    elif model in (None, "toy"):
-        cfg = FinetuneConfig.toy()
-    else:
-        cfg = FinetuneConfig()
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "cfg") and v is not None}
-    overrides.pop("FinetuneConfig", None)
-    overrides.pop("run_finetune", None)
-    for key, value in overrides.items():
-        setattr(cfg, key, list(value) if key == "test" else value)
+    options = {k: v for k, v in locals().items() if k != "config"}
+    cfg = _config(FinetuneConfig, config, model, options)
     run_finetune(cfg, console=console)
+
+
+def _config(config_class, config_file: Path | None, model: str | None, options: dict):
+    """Start from the YAML file, or the toy preset when no model is named, else the
+    defaults; then apply the options given on the command line."""
+    if config_file is not None:
+        cfg = config_class.load(config_file)
+    elif model in (None, "toy"):
+        cfg = config_class.toy()
+    else:
+        cfg = config_class()
+    for key, value in options.items():
+        if value is not None and key in config_class.__dataclass_fields__:
+            setattr(cfg, key, list(value) if key == "test" else value)
+    return cfg
+
+
+@app.command()
+@user_errors
+def compress(
+    config: Annotated[Path | None, Opt(help="YAML config; options given here override it.")] = None,
+    model: Annotated[
+        str | None,
+        Opt(help="Pretrained HF model directory or hub id; 'toy' for the built-in case."),
+    ] = None,
+    train: Annotated[str | None, Opt(help="Training corpus (dir or manifest).")] = None,
+    dev: Annotated[str | None, Opt(help="Development corpus.")] = None,
+    test: Annotated[list[str] | None, Opt(help="Test corpus (repeatable).")] = None,
+    output_dir: Annotated[str | None, Opt(help="Run directory (resumed if it exists).")] = None,
+    target_ratio: Annotated[
+        float | None, Opt(help="Whole-model compression ratio, total / kept params (e.g. 2.86).")
+    ] = None,
+    target_sparsity: Annotated[
+        float | None, Opt(help="Or: fraction of gated weights to prune, in [0, 1).")
+    ] = None,
+    max_steps: Annotated[int | None, Opt(help="Optimizer steps of the one pass.")] = None,
+    learning_rate: Annotated[float | None, Opt(help="Peak learning rate of the weights.")] = None,
+    warmup_steps: Annotated[int | None, Opt(help="Linear warm-up steps.")] = None,
+    batch_seconds: Annotated[float | None, Opt(help="Padded audio seconds per batch.")] = None,
+    grad_accum: Annotated[int | None, Opt(help="Gradient accumulation steps.")] = None,
+    mixed_precision: Annotated[str | None, Opt(help="auto, no, fp16 or bf16.")] = None,
+    tying: Annotated[str | None, Opt(help="Threshold tying: matrix, block or global.")] = None,
+    tau_rel: Annotated[float | None, Opt(help="tau = tau_rel x mean(W^2) per layer.")] = None,
+    tau_final: Annotated[
+        float | None, Opt(help="Anneal tau geometrically to this factor (1: fixed).")
+    ] = None,
+    threshold_lr: Annotated[
+        float | None, Opt(help="Thresholds' learning rate (default 3 / ramp steps).")
+    ] = None,
+    multiplier_lr: Annotated[float | None, Opt(help="Lagrange multipliers' rate.")] = None,
+    ramp_fraction: Annotated[float | None, Opt(help="Share of steps the target ramps.")] = None,
+    frozen_fraction: Annotated[
+        float | None, Opt(help="Final share of steps with the exact mask frozen.")
+    ] = None,
+    include_pos_conv: Annotated[bool | None, Opt(help="Gate the positional conv too.")] = None,
+    include_feature_encoder: Annotated[bool | None, Opt(help="Gate the CNN encoder too.")] = None,
+    dense_reference: Annotated[
+        str | None, Opt(help="A finished `finetune` run dir to compare WER with (MAPSSWE).")
+    ] = None,
+    train_dense_reference: Annotated[
+        bool | None, Opt(help="Train that dense reference first, in OUTPUT/dense.")
+    ] = None,
+    freeze_feature_encoder: Annotated[bool | None, Opt(help="Freeze the CNN encoder.")] = None,
+    seed: Annotated[int | None, Opt(help="Random seed.")] = None,
+    save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
+    log_every: Annotated[int | None, Opt(help="Steps between log lines.")] = None,
+    eval_every: Annotated[int | None, Opt(help="Steps between dev evaluations.")] = None,
+) -> None:
+    """Compress in one pass: CTC fine-tuning with self-pinching gates to a target ratio.
+
+    With no options it runs the embedded default. Writes the hardened model (a stock HF
+    directory), report.md / report.json, layers.csv and plots to the run directory.
+    Rerunning the same command resumes from the last checkpoint.
+    """
+    from pinchgate.compress import CompressConfig, run_compress
+
+    options = {k: v for k, v in locals().items() if k != "config"}
+    cfg = _config(CompressConfig, config, model, options)
+    # A target given here replaces the preset's or file's target of the other kind.
+    if target_sparsity is not None and target_ratio is None:
+        cfg.target_ratio = None
+    if target_ratio is not None and target_sparsity is None:
+        cfg.target_sparsity = None
+    results = run_compress(cfg, console=console)
+    run_dir = Path(cfg.output_dir)
+    if "report" in results:
+        typer.echo((run_dir / "report.md").read_text())
+        typer.echo(f"report: {run_dir / 'report.md'}  model: {run_dir / 'model'}")
 
 
 @app.command()
@@ -201,6 +280,50 @@ def data_toy(
 
     build_toy_corpus(output, seed)
     typer.echo(f"toy corpus in {output}/{{train,dev,test}}")
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    output: Annotated[Path, typer.Argument(help="Directory for the corpus (LibriSpeech layout).")],
+    seed: Annotated[int, Opt(help="Random seed (texts, voices, augmentation).")] = 0,
+    size: Annotated[
+        list[str] | None,
+        Opt(
+            help="SPLIT=N utterances, repeatable (default: pretrain=1600 train=800 dev=200 "
+            "test=200 test-unseen=200)."
+        ),
+    ] = None,
+    engine: Annotated[
+        list[str] | None, Opt(help="flite, festival, espeak-ng or piper (default: all found).")
+    ] = None,
+    workers: Annotated[int, Opt(help="Synthesis processes.")] = 2,
+    overwrite: Annotated[bool, Opt(help="Replace a corpus already there.")] = False,
+) -> None:
+    """Synthesise the offline English speech corpus with text-to-speech engines.
+
+    Engines come from scripts/install-tts.sh; missing ones are skipped with a warning.
+    """
+    from pinchgate.data.synth import DEFAULT_SIZES, build_corpus
+
+    sizes = None
+    if size:
+        sizes = {}
+        for item in size:
+            split, _, count = item.partition("=")
+            if split not in DEFAULT_SIZES or not count.isdigit():
+                raise PinchgateError(
+                    f"--size {item!r}: expected SPLIT=N with SPLIT one of "
+                    f"{', '.join(DEFAULT_SIZES)}"
+                )
+            sizes[split] = int(count)
+    try:
+        summary = build_corpus(output, seed, sizes, engine, workers, overwrite)
+    except (RuntimeError, ValueError, FileExistsError) as exc:
+        raise PinchgateError(str(exc)) from None
+    for name, split in summary.to_json()["splits"].items():
+        typer.echo(f"{name:12} {split['utterances']:6} utterances  {split['hours']:.2f} h")
+    typer.echo(f"corpus in {output} (corpus.json describes it)")
 
 
 @data_app.command("check")

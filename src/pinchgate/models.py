@@ -114,8 +114,10 @@ def load_ctc_model(
     for key, value in overrides.items():
         setattr(config, key, value)
     try:
+        # fp32 master weights whatever the file holds (fp16 checkpoints included);
+        # mixed precision is the trainer's business.
         model = AutoModelForCTC.from_pretrained(
-            str(source), config=config, ignore_mismatched_sizes=True
+            str(source), config=config, ignore_mismatched_sizes=True, dtype=torch.float32
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{source}: cannot load model weights ({exc})") from None

@@ -51,6 +51,9 @@ class TrainHooks:
     after_step: Callable[[torch.nn.Module, int], dict] | None = None
     state: Callable[[], dict] | None = None
     load_state: Callable[[dict], None] | None = None
+    # Turns the trained model into the one exported (e.g. harden the masks); every process.
+    finalize: Callable[[torch.nn.Module], dict] | None = None
+    unused_parameters: bool = False  # some parameters may get no gradient in a step (DDP)
 
 
 @dataclass
@@ -154,7 +157,7 @@ def run_finetune(
     saved_cfg_path = run_dir / "config.yaml"
     resume_from = ckpt.latest_checkpoint(checkpoint_root)
     if saved_cfg_path.is_file():
-        differences = cfg.differences(FinetuneConfig.load(saved_cfg_path))
+        differences = cfg.differences(type(cfg).load(saved_cfg_path))
         if differences:
             raise PinchgateError(
                 f"{run_dir}: holds a run with another configuration ({'; '.join(differences)}); "
@@ -201,7 +204,7 @@ def run_finetune(
         build(model)  # e.g. attach gates, before the optimiser sees the parameters
     params = count_parameters(model)
     say(f"model: {cfg.model} ({params['total']:,} parameters)")
-    if getattr(model.config, "layerdrop", 0.0) > 0 and accelerator.num_processes > 1:
+    if hooks.unused_parameters or getattr(model.config, "layerdrop", 0.0) > 0:
         ddp.find_unused_parameters = True  # dropped layers leave parameters without grads
     optimizer = build_optimizer(model, cfg, hooks)
     scheduler = get_scheduler(
@@ -363,18 +366,21 @@ def run_finetune(
     train_seconds = elapsed_before + time.perf_counter() - started
     final_model = accelerator.unwrap_model(model)
     results: dict = {"steps": step, "train_seconds": train_seconds, "parameters": params}
+    if hooks.finalize is not None:
+        results.update(hooks.finalize(final_model))
     results["processes"] = accelerator.num_processes
     if accelerator.num_processes > 1:  # data parallelism must leave identical replicas
         digests = gather_object([weights_digest(final_model)])
         results["replicas_agree"] = len(set(digests)) == 1
     if main:
-        if build is None:
-            save_model_dir(final_model, feature_extractor, tokenizer, run_dir / "model")
+        model_dir = save_model_dir(final_model, feature_extractor, tokenizer, run_dir / "model")
+        # Scores come from the model as exported, read back by stock transformers.
+        exported = load_ctc_model(model_dir).to(accelerator.device)
         results["eval"] = evaluate_sets(
-            final_model, feature_extractor, tokenizer, data, run_dir, cfg.eval_batch_seconds, say
+            exported, feature_extractor, tokenizer, data, run_dir, cfg.eval_batch_seconds, say
         )
         ckpt.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
-        say(f"run directory: {run_dir}  (model: {run_dir / 'model'}, results.json)")
+        say(f"run directory: {run_dir}  (model: {model_dir}, results.json)")
     accelerator.wait_for_everyone()
     if writer is not None:
         writer.close()

@@ -1,0 +1,178 @@
+"""The compression report: report.json, report.md, per-layer CSV and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from pinchgate.evaluate import read_hypotheses
+from pinchgate.significance import mapsswe
+
+
+def compare_with_reference(run_eval: Path, reference_eval: Path) -> dict | None:
+    """MAPSSWE between the dense reference (A) and the compressed model (B) on one set."""
+    if not (run_eval.is_file() and reference_eval.is_file()):
+        return None
+    ours = {row["id"]: row for row in read_hypotheses(run_eval)}
+    theirs = {row["id"]: row for row in read_hypotheses(reference_eval)}
+    shared = [utt for utt in ours if utt in theirs]
+    if not shared:
+        return None
+    test = mapsswe(
+        [ours[u]["ref"] for u in shared],
+        [theirs[u]["hyp"] for u in shared],
+        [ours[u]["hyp"] for u in shared],
+    )
+    return {
+        "utterances": len(shared),
+        "segments": test.n_segments,
+        "dense_errors": test.errors_a,
+        "compressed_errors": test.errors_b,
+        "z": test.z,
+        "p_value": test.p_value,
+        "significant_at_0.05": test.significant(0.05),
+    }
+
+
+def write_report(
+    run_dir: Path,
+    cfg,
+    results: dict,
+    reference_dir: Path | None = None,
+    reference_seconds: float | None = None,
+) -> dict:
+    compression = results["compression"]
+    reference = None
+    if reference_dir is not None:
+        reference = json.loads((reference_dir / "results.json").read_text())
+    sets = {}
+    for name, ours in results["eval"].items():
+        row = {"wer": ours["wer"], "cer": ours["cer"], "utterances": ours["utterances"]}
+        if reference is not None and name in reference.get("eval", {}):
+            row["dense_wer"] = reference["eval"][name]["wer"]
+            row["significance"] = compare_with_reference(
+                run_dir / "eval" / f"{name}.jsonl", reference_dir / "eval" / f"{name}.jsonl"
+            )
+        sets[name] = row
+    timing = {
+        "compression_seconds": results["train_seconds"] + compression["harden_seconds"],
+        "wall_seconds": results.get("wall_seconds"),
+    }
+    if reference is not None:
+        timing["dense_reference_train_seconds"] = reference["train_seconds"]
+        timing["dense_reference_wall_seconds"] = reference_seconds
+    report = {
+        "model": cfg.model,
+        "steps": results["steps"],
+        "compression": compression,
+        "sets": sets,
+        "time": timing,
+        "dense_reference": str(reference_dir) if reference_dir else None,
+        "config": cfg.to_dict(),
+    }
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (run_dir / "report.md").write_text(render_markdown(report))
+    write_layers_csv(run_dir / "layers.csv", results["layers"])
+    plot_layers(run_dir / "layer_sparsity.png", results["layers"])
+    if (run_dir / "gates.jsonl").is_file():
+        plot_training(run_dir / "training.png", run_dir / "gates.jsonl")
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    c, t = report["compression"], report["time"]
+    lines = [
+        f"# Compression report: {report['model']}",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| parameters before | {c['total_params']:,} |",
+        f"| parameters after (nonzero kept) | {c['kept_params']:,} |",
+        f"| compression ratio | {c['compression_ratio']:.3f}x |",
+        f"| parameter reduction | {100 * c['parameter_reduction']:.2f}% |",
+        f"| gated sparsity (target) | {c['gated_sparsity']:.4f} ({c['target_sparsity']:.4f}) |",
+        f"| gated parameters | {c['gated_params']:,} |",
+        f"| compression time (training + hardening) | {t['compression_seconds']:.1f} s |",
+    ]
+    if report["time"].get("dense_reference_train_seconds") is not None:
+        lines.append(
+            f"| dense reference training time | "
+            f"{report['time']['dense_reference_train_seconds']:.1f} s |"
+        )
+    lines += [
+        "",
+        "| set | WER | CER | dense WER | MAPSSWE p | significant (0.05) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in report["sets"].items():
+        sig = row.get("significance") or {}
+        dense = f"{100 * row['dense_wer']:.2f}%" if "dense_wer" in row else "-"
+        p = f"{sig['p_value']:.3f}" if sig else "-"
+        flag = ("yes" if sig["significant_at_0.05"] else "no") if sig else "-"
+        wer, cer = f"{100 * row['wer']:.2f}%", f"{100 * row['cer']:.2f}%"
+        lines.append(f"| {name} | {wer} | {cer} | {dense} | {p} | {flag} |")
+    lines += [
+        "",
+        "Per-layer sparsity and thresholds: `layers.csv`, `layer_sparsity.png`; "
+        "kept fraction and thresholds during training: `gates.jsonl`, `training.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_layers_csv(path: Path, layers: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["name", "numel", "kept", "sparsity", "threshold", "tau"]
+        )
+        writer.writeheader()
+        for layer in layers:
+            writer.writerow({k: layer[k] for k in writer.fieldnames})
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layers(path: Path, layers: list[dict]) -> None:
+    plt = _pyplot()
+    names = [
+        layer["name"].replace("wav2vec2.", "").replace("encoder.layers.", "L") for layer in layers
+    ]
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(layers))))
+    ax.barh(range(len(layers)), [100 * layer["sparsity"] for layer in layers])
+    ax.set_yticks(range(len(layers)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("sparsity (%)")
+    ax.set_xlim(0, 100)
+    ax.set_title("Per-layer sparsity after hardening")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(path: Path, gates_log: Path) -> None:
+    plt = _pyplot()
+    rows = [json.loads(line) for line in gates_log.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    top.plot(steps, [r["target_sparsity"] for r in rows], "k--", label="target")
+    top.plot(steps, [r["hard_sparsity"] for r in rows], label="hard (|W| > t)")
+    if all("soft_sparsity" in r for r in rows):
+        top.plot(steps, [r["soft_sparsity"] for r in rows], label="soft (gates)")
+    top.set_ylabel("gated sparsity")
+    top.legend()
+    for name in rows[-1]["thresholds"]:
+        bottom.plot(steps, [r["thresholds"].get(name) for r in rows], linewidth=0.8)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("threshold t (one line per layer)")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

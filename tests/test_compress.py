@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pinchgate.cli import app
+from pinchgate.compress import CompressConfig, run_compress
+from pinchgate.errors import PinchgateError
+
+
+def tiny_compress_config(toy_corpus: Path, out: Path, **changes) -> CompressConfig:
+    cfg = CompressConfig.toy()
+    cfg.train = str(toy_corpus / "train")
+    cfg.dev = None
+    cfg.test = [str(toy_corpus / "test")]
+    cfg.output_dir = str(out)
+    cfg.batch_seconds = 4.0
+    cfg.eval_every = 0
+    cfg.max_steps = 40
+    cfg.warmup_steps = 5
+    cfg.log_every = 5
+    cfg.save_every = 20
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def gated_zeros(state: dict[str, torch.Tensor]) -> int:
+    return sum(
+        int((tensor == 0).sum())
+        for name, tensor in state.items()
+        if name.endswith(".weight")
+        and ("encoder.layers." in name or "feature_projection.projection" in name)
+    )
+
+
+def test_reaches_the_target_and_exports_a_stock_model(toy_corpus, tmp_path):
+    cfg = tiny_compress_config(toy_corpus, tmp_path / "run", target_ratio=None, target_sparsity=0.5)
+    results = run_compress(cfg)
+    c = results["compression"]
+    assert abs(c["gated_sparsity"] - 0.5) <= 0.005
+    run = tmp_path / "run"
+    from transformers import AutoModelForCTC
+
+    model = AutoModelForCTC.from_pretrained(run / "model")  # stock transformers, no gates
+    from pinchgate.models import build_model
+
+    plain = build_model(model.config.vocab_size).state_dict()
+    assert set(model.state_dict()) == set(plain)  # no gate, threshold or mask left behind
+    pruned = c["gated_params"] - c["gated_kept"]
+    assert gated_zeros(model.state_dict()) == pruned
+    assert c["kept_params"] == c["total_params"] - pruned
+    assert c["compression_ratio"] == pytest.approx(c["total_params"] / c["kept_params"])
+    # The report's WER is that of the exported model, decoded again here.
+    from pinchgate.data.corpus import load_corpus
+    from pinchgate.data.vocab import load_tokenizer
+    from pinchgate.evaluate import evaluate_corpus
+    from pinchgate.models import feature_extractor_for
+
+    utterances, _ = load_corpus(toy_corpus / "test")
+    again = evaluate_corpus(
+        model,
+        feature_extractor_for(model.config, run / "model"),
+        load_tokenizer(run / "model"),
+        utterances,
+        "test",
+    )
+    report = json.loads((run / "report.json").read_text())
+    assert report["sets"]["test"]["wer"] == pytest.approx(again.wer)
+    layers = list(csv.DictReader((run / "layers.csv").open()))
+    assert len(layers) == 13 and sum(int(r["kept"]) for r in layers) == c["gated_kept"]
+    assert len({round(float(r["sparsity"]), 3) for r in layers}) > 1  # mixed sparsity
+    for name in ("report.md", "layer_sparsity.png", "training.png", "gates.jsonl"):
+        assert (run / name).is_file(), name
+
+
+def test_controller_tracks_the_target_before_the_exact_fit(toy_corpus, tmp_path):
+    cfg = tiny_compress_config(
+        toy_corpus,
+        tmp_path / "run",
+        max_steps=150,
+        frozen_fraction=0.2,
+        target_ratio=None,
+        target_sparsity=0.6,
+    )
+    run_compress(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "gates.jsonl").read_text().splitlines()]
+    before_fit = [r for r in rows if r["step"] == 115][0]  # after the ramp, before the freeze
+    assert abs(before_fit["hard_sparsity"] - 0.6) < 0.05
+    assert any(
+        "frozen_at" in json.loads(x)
+        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    )
+
+
+def test_dense_reference_and_significance_in_the_report(toy_corpus, tmp_path):
+    cfg = tiny_compress_config(
+        toy_corpus, tmp_path / "run", max_steps=20, train_dense_reference=True
+    )
+    results = run_compress(cfg)
+    row = results["report"]["sets"]["test"]
+    assert "dense_wer" in row
+    sig = row["significance"]
+    assert sig["utterances"] == 6 and 0.0 <= sig["p_value"] <= 1.0
+    assert results["report"]["time"]["dense_reference_train_seconds"] > 0
+    assert "MAPSSWE p" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target-ratio", "1.0"], "--target-ratio 1.0: must be > 1"),
+        (["--target-ratio", "10"], "highest reachable ratio"),
+        (["--target-sparsity", "1.2"], "--target-sparsity 1.2: must be in [0, 1)"),
+        (["--target-ratio", "2", "--target-sparsity", "0.5"], "exactly one of --target-ratio"),
+    ],
+)
+def test_bad_targets_are_one_line_before_training(toy_corpus, tmp_path, args, message):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["compress", "--train", str(toy_corpus / "train"), "--output-dir", str(out), *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_with_another_target_is_refused(toy_corpus, tmp_path):
+    run_compress(tiny_compress_config(toy_corpus, tmp_path / "run", max_steps=4, save_every=2))
+    with pytest.raises(PinchgateError, match="another configuration.*target_ratio"):
+        run_compress(
+            tiny_compress_config(toy_corpus, tmp_path / "run", max_steps=4, target_ratio=1.4)
+        )
+
+
+def _command(toy_corpus: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pinchgate",
+        "compress",
+        "--train",
+        str(toy_corpus / "train"),
+        "--test",
+        str(toy_corpus / "test"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "60",
+        "--save-every",
+        "5",
+        "--log-every",
+        "1",
+        "--batch-seconds",
+        "4",
+        "--eval-every",
+        "0",
+        "--warmup-steps",
+        "5",
+    ]
+
+
+def test_kill_and_resume_mid_compression(toy_corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_command(toy_corpus, reference), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _command(toy_corpus, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = killed / "metrics.jsonl"
+        rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+        if rows and rows[-1]["step"] >= 22:  # during the ramp, between checkpoints
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    result = subprocess.run(_command(toy_corpus, killed), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr
+    a = json.loads((reference / "report.json").read_text())["compression"]
+    b = json.loads((killed / "report.json").read_text())["compression"]
+    assert a["gated_kept"] == b["gated_kept"] and a["compression_ratio"] == b["compression_ratio"]
+    wa = load_file(reference / "model" / "model.safetensors")
+    wb = load_file(killed / "model" / "model.safetensors")
+    for key in wa:
+        assert (wa[key] - wb[key]).abs().max() < 1e-5, key
