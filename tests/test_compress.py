@@ -2,38 +2,22 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import runs
 from pinchgate.cli import app
 from pinchgate.compress import CompressConfig, run_compress
 from pinchgate.errors import PinchgateError
 
 
 def tiny_compress_config(toy_corpus: Path, out: Path, **changes) -> CompressConfig:
-    cfg = CompressConfig.toy()
-    cfg.train = str(toy_corpus / "train")
-    cfg.dev = None
-    cfg.test = [str(toy_corpus / "test")]
-    cfg.output_dir = str(out)
-    cfg.batch_seconds = 4.0
-    cfg.eval_every = 0
-    cfg.max_steps = 40
-    cfg.warmup_steps = 5
-    cfg.log_every = 5
-    cfg.save_every = 20
-    for key, value in changes.items():
-        setattr(cfg, key, value)
-    return cfg
+    defaults = {"max_steps": 40, "warmup_steps": 5, "log_every": 5, "save_every": 20}
+    return runs.tiny_config(CompressConfig, toy_corpus, out, **{**defaults, **changes})
 
 
 def gated_zeros(state: dict[str, torch.Tensor]) -> int:
@@ -172,29 +156,11 @@ def _command(toy_corpus: Path, out: Path) -> list[str]:
 
 
 def test_kill_and_resume_mid_compression(toy_corpus, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    reference = tmp_path / "reference"
-    subprocess.run(_command(toy_corpus, reference), check=True, env=env, capture_output=True)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _command(toy_corpus, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        log = killed / "metrics.jsonl"
-        rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-        if rows and rows[-1]["step"] >= 22:  # during the ramp, between checkpoints
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    result = subprocess.run(_command(toy_corpus, killed), env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "resuming from" in result.stderr
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    runs.run_to_end(_command(toy_corpus, reference))
+    # Killed during the target ramp, between two checkpoints.
+    runs.kill_and_resume(_command(toy_corpus, killed), killed, kill_after_step=22)
     a = json.loads((reference / "report.json").read_text())["compression"]
     b = json.loads((killed / "report.json").read_text())["compression"]
     assert a["gated_kept"] == b["gated_kept"] and a["compression_ratio"] == b["compression_ratio"]
-    wa = load_file(reference / "model" / "model.safetensors")
-    wb = load_file(killed / "model" / "model.safetensors")
-    for key in wa:
-        assert (wa[key] - wb[key]).abs().max() < 1e-5, key
+    runs.assert_same_weights(reference / "model", killed / "model")

@@ -3,44 +3,36 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
+import runs
 from pinchgate.config import FinetuneConfig
 from pinchgate.errors import PinchgateError
 from pinchgate.train import run_finetune
 
 
 def tiny_config(toy_corpus: Path, out: Path, **changes) -> FinetuneConfig:
-    cfg = FinetuneConfig.toy()
-    cfg.train = str(toy_corpus / "train")
-    cfg.dev = None
-    cfg.test = [str(toy_corpus / "test")]
-    cfg.output_dir = str(out)
-    cfg.batch_seconds = 4.0
-    cfg.eval_every = 0
-    for key, value in changes.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return runs.tiny_config(FinetuneConfig, toy_corpus, out, **changes)
 
 
 def test_few_steps_lower_the_loss_on_an_overfit_set(toy_corpus, tmp_path):
     cfg = tiny_config(
-        toy_corpus, tmp_path / "run", max_steps=40, log_every=10, warmup_steps=5, save_every=40
+        toy_corpus,
+        tmp_path / "run",
+        max_steps=40,
+        log_every=10,
+        warmup_steps=5,
+        save_every=40,
+        learning_rate=3e-3,
     )
     results = run_finetune(cfg)
-    losses = [row["loss"] for row in metrics(tmp_path / "run") if "loss" in row]
+    losses = [
+        row["loss"] for row in runs.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in row
+    ]
     assert losses[-1] < 0.5 * losses[0]
     run = tmp_path / "run"
     for name in ("config.yaml", "vocab.json", "data_report.json", "results.json"):
@@ -82,32 +74,9 @@ def _command(toy_corpus: Path, out: Path, steps: int) -> list[str]:
 
 def test_kill_and_resume_matches_an_uninterrupted_run(toy_corpus, tmp_path):
     steps = 60
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    reference = tmp_path / "reference"
-    subprocess.run(_command(toy_corpus, reference, steps), check=True, env=env, capture_output=True)
-
+    runs.run_to_end(_command(toy_corpus, tmp_path / "reference", steps))
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _command(toy_corpus, killed, steps),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        done = metrics(killed) if (killed / "metrics.jsonl").exists() else []
-        if done and done[-1]["step"] >= 12:  # past two checkpoints, mid-way to a third
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed / "results.json").exists()
-
-    result = subprocess.run(
-        _command(toy_corpus, killed, steps), env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    assert "resuming from" in result.stderr
+    runs.kill_and_resume(_command(toy_corpus, killed, steps), killed, kill_after_step=12)
     final = json.loads((killed / "results.json").read_text())
     assert final["steps"] == steps
     assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == [
@@ -116,11 +85,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(toy_corpus, tmp_path):
     ]
     assert not list((killed / "checkpoints").glob(".*tmp*"))
     # Same data order, optimiser, scheduler and RNG: the same weights as without the kill.
-    a = load_file(reference / "model" / "model.safetensors")
-    b = load_file(killed / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert (a[key] - b[key]).abs().max() < 1e-5, key
+    runs.assert_same_weights(tmp_path / "reference" / "model", killed / "model")
 
 
 def test_resume_with_another_config_is_refused(toy_corpus, tmp_path):

@@ -201,8 +201,8 @@ def evaluate(
     device: Annotated[str, Opt(help="cpu, cuda, cuda:1, ...")] = "cpu",
 ) -> None:
     """Greedy CTC decoding with WER, CER and real-time factor; one JSON line per utterance."""
+    from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import load_corpus
-    from pinchgate.data.toy import resolve_corpus
     from pinchgate.data.vocab import load_tokenizer
     from pinchgate.evaluate import evaluate_corpus
     from pinchgate.models import feature_extractor_for, load_ctc_model
@@ -258,9 +258,9 @@ def vocab(
     output: Annotated[Path, typer.Argument(help="vocab.json to write.")],
 ) -> None:
     """Build a character CTC vocabulary (Wav2Vec2CTCTokenizer vocab.json) from transcripts."""
+    from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import read_corpus
     from pinchgate.data.text import normalize_transcript
-    from pinchgate.data.toy import resolve_corpus
     from pinchgate.data.vocab import build_vocab, save_vocab
 
     utterances, _ = read_corpus(resolve_corpus(corpus))
@@ -334,8 +334,8 @@ def data_check(
     vocab_file: Annotated[Path | None, Opt("--vocab", help="Check characters against it.")] = None,
 ) -> None:
     """Read a corpus and report what would be kept and skipped, one line per problem."""
+    from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import load_corpus
-    from pinchgate.data.toy import resolve_corpus
     from pinchgate.data.vocab import load_tokenizer, vocab_characters
 
     chars = vocab_characters(load_tokenizer(vocab_file)) if vocab_file else None

@@ -58,6 +58,12 @@ class CompressConfig(FinetuneConfig):
         # Only the transformer is gated and the toy's CNN is a third of it: 1.5x is reachable.
         return cls(**base, target_ratio=1.5)
 
+    @classmethod
+    def embedded(cls) -> CompressConfig:
+        base = FinetuneConfig.embedded().to_dict()
+        base["output_dir"] = "runs/embedded-compress"
+        return cls(**base, target_ratio=2.86)  # wav2vec2-base -65%, the paper's first result
+
     def validate(self) -> None:
         super().validate()
         if (self.target_ratio is None) == (self.target_sparsity is None):

@@ -65,6 +65,27 @@ class FinetuneConfig:
             eval_every=250,
         )
 
+    @classmethod
+    def embedded(cls) -> FinetuneConfig:
+        """The embedded default: the shipped stand-in encoder, the synthetic speech corpus."""
+        from pinchgate.models import EMBEDDED_MODEL
+
+        return cls(
+            model=str(EMBEDDED_MODEL),
+            train="synth:train",
+            dev="synth:dev",
+            test=["synth:test", "synth:test-unseen"],
+            output_dir="runs/embedded-finetune",
+            max_steps=300,
+            learning_rate=5e-4,
+            warmup_steps=30,
+            batch_seconds=48.0,
+            max_duration=20.0,
+            log_every=10,
+            save_every=50,
+            eval_every=100,
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

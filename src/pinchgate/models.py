@@ -19,6 +19,8 @@ from transformers import (
 
 from pinchgate.errors import ModelLoadError
 
+# The stand-in foundation model shipped with the package (recipes/standin/).
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "embedded" / "standin"
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
 WEIGHT_FILES = (
     "model.safetensors",

@@ -26,9 +26,9 @@ from transformers import get_scheduler
 from pinchgate import checkpoint as ckpt
 from pinchgate.config import FinetuneConfig
 from pinchgate.data.batching import CTCCollator, SpeechDataset, bucket_batches
+from pinchgate.data.builtin import resolve_corpus
 from pinchgate.data.corpus import CorpusReport, Utterance, load_corpus, read_corpus
 from pinchgate.data.text import normalize_transcript
-from pinchgate.data.toy import resolve_corpus
 from pinchgate.data.vocab import build_vocab, load_tokenizer, save_vocab, vocab_characters
 from pinchgate.errors import PinchgateError
 from pinchgate.evaluate import EvalResult, evaluate_corpus

@@ -67,16 +67,3 @@ def build_toy_corpus(
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(tmp, trans)  # the transcript file last: its presence means complete
     return out_dir
-
-
-def toy_cache_dir(seed: int = 0) -> Path:
-    root = Path(os.environ.get("PINCHGATE_CACHE", Path.home() / ".cache" / "pinchgate"))
-    return root / f"toy-corpus-{seed}"
-
-
-def resolve_corpus(spec: str, seed: int = 0) -> Path:
-    """`toy:<split>` names a split of the built-in corpus (built on first use); else a path."""
-    if spec.startswith("toy:"):
-        split = spec.split(":", 1)[1]
-        return build_toy_corpus(toy_cache_dir(seed)) / split
-    return Path(spec)

@@ -1,0 +1,52 @@
+"""Built-in corpora named by a spec instead of a path: `toy:<split>` and `synth:<split>`.
+
+Both are generated on first use from a fixed seed into a cache directory
+(`$PINCHGATE_CACHE`, default `~/.cache/pinchgate`) and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from pinchgate.errors import CorpusError
+
+# The embedded default: the splits compression needs (the stand-in model was pretrained on
+# the `pretrain` split of the same seed-0 build; texts and voices per split do not depend
+# on the other splits' sizes).
+SYNTH_SIZES = {"train": 800, "dev": 200, "test": 200, "test-unseen": 200}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PINCHGATE_CACHE", Path.home() / ".cache" / "pinchgate"))
+
+
+def resolve_corpus(spec: str) -> Path:
+    """A path for a corpus spec: built-in corpora are built on first use; else the path."""
+    if spec.startswith("toy:"):
+        from pinchgate.data.toy import build_toy_corpus
+
+        return build_toy_corpus(cache_dir() / "toy-corpus-0") / spec.split(":", 1)[1]
+    if spec.startswith("synth:"):
+        split = spec.split(":", 1)[1]
+        if split not in SYNTH_SIZES:
+            raise CorpusError(f"{spec}: the built-in speech corpus has {', '.join(SYNTH_SIZES)}")
+        return build_synth_corpus() / split
+    return Path(spec)
+
+
+def build_synth_corpus() -> Path:
+    """The embedded default's speech corpus (seed 0), synthesised once with the TTS engines."""
+    from pinchgate.data.synth import build_corpus
+
+    root = cache_dir() / "synth-corpus-0"
+    if not (root / "corpus.json").is_file():  # written last: its presence means complete
+        print(f"building the embedded speech corpus in {root} (a few minutes, once)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                build_corpus(root, seed=0, sizes=SYNTH_SIZES, overwrite=True)
+            except RuntimeError as exc:
+                raise CorpusError(str(exc)) from None
+    return root

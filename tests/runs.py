@@ -1,0 +1,68 @@
+"""Helpers shared by the tests that run training: tiny configs, logs, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def tiny_config(config_class, toy_corpus: Path, out: Path, **changes):
+    """The toy preset on the small test corpus, small batches, no dev set."""
+    cfg = config_class.toy()
+    cfg.train = str(toy_corpus / "train")
+    cfg.dev = None
+    cfg.test = [str(toy_corpus / "test")]
+    cfg.output_dir = str(out)
+    cfg.batch_seconds = 4.0
+    cfg.eval_every = 0
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def kill_and_resume(command: list[str], run_dir: Path, kill_after_step: int) -> str:
+    """Start `command`, SIGKILL it once its metrics pass `kill_after_step`, run it again to
+    the end; returns the second run's stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rows = read_jsonl(run_dir / "metrics.jsonl")
+        if rows and rows[-1]["step"] >= kill_after_step:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "results.json").exists()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr
+    return result.stderr
+
+
+def run_to_end(command: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, capture_output=True)
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
+    a = load_file(a_dir / "model.safetensors")
+    b = load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), key
