@@ -16,7 +16,13 @@ from pinchgate.errors import PinchgateError
 
 
 def tiny_compress_config(toy_corpus: Path, out: Path, **changes) -> CompressConfig:
-    defaults = {"max_steps": 40, "warmup_steps": 5, "log_every": 5, "save_every": 20}
+    defaults = {
+        "max_steps": 40,
+        "warmup_steps": 5,
+        "log_every": 5,
+        "save_every": 20,
+        "train_dense_reference": False,
+    }
     return runs.tiny_config(CompressConfig, toy_corpus, out, **{**defaults, **changes})
 
 
@@ -152,6 +158,7 @@ def _command(toy_corpus: Path, out: Path) -> list[str]:
         "0",
         "--warmup-steps",
         "5",
+        "--no-train-dense-reference",
     ]
 
 

@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=Path("corpora/synth"))
     parser.add_argument("--out", type=Path, default=Path("runs/standin"))
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-seconds", type=float, default=96.0)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--export", type=Path, default=None)
     args = parser.parse_args()
 
@@ -61,10 +63,10 @@ def main() -> None:
         new_head=True,
         freeze_feature_encoder=False,  # random CNN: it has to learn
         max_steps=args.steps,
-        learning_rate=1e-3,
+        learning_rate=args.learning_rate,
         warmup_steps=args.steps // 10,
         scheduler="linear",
-        batch_seconds=96.0,
+        batch_seconds=args.batch_seconds,
         max_duration=20.0,
         log_every=10,
         save_every=50,
@@ -73,10 +75,10 @@ def main() -> None:
     )
     results = run_finetune(cfg)
     if args.export is not None:
-        export(args.out / "pretrain" / "model", args.export, results, args.corpus, args.steps)
+        export(args.out / "pretrain" / "model", args.export, results, args.corpus, args)
 
 
-def export(model_dir: Path, out: Path, results: dict, corpus: Path, steps: int) -> None:
+def export(model_dir: Path, out: Path, results: dict, corpus: Path, args) -> None:
     """The encoder alone, fp16, with a model card giving the data, steps, time and WER."""
     model = Wav2Vec2ForCTC.from_pretrained(model_dir, dtype=torch.float32)
     params = sum(p.numel() for p in model.wav2vec2.parameters())
@@ -89,13 +91,13 @@ def export(model_dir: Path, out: Path, results: dict, corpus: Path, steps: int) 
     facts["encoder_parameters"] = params
     (tmp / "training_facts.json").write_text(json.dumps(facts, indent=1) + "\n")
     summary = json.loads((corpus / "corpus.json").read_text())
-    (tmp / "README.md").write_text(model_card(facts, summary, steps))
+    (tmp / "README.md").write_text(model_card(facts, summary, args))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
 
 
-def model_card(facts: dict, corpus: dict, steps: int) -> str:
+def model_card(facts: dict, corpus: dict, args) -> str:
     pretrain = corpus["splits"]["pretrain"]
     rows = "\n".join(
         f"| {name} | {100 * r['wer']:.2f}% | {100 * r['cer']:.2f}% | {r['utterances']} |"
@@ -115,9 +117,10 @@ the machines the project is built and tested on.
   festival, espeak-ng, piper voices with rate/pitch changes, noise and reverberation) reading
   public-domain Gutenberg sentences. Its CTC head is removed: compression starts from the
   encoder with a fresh head, as the paper starts from an SSL model.
-- Recipe: `python recipes/standin/train_standin.py --steps {steps} --export
-  src/pinchgate/embedded/standin` ({facts["steps"]} steps, AdamW lr 1e-3 with linear warm-up
-  and decay, 96 s of audio per step); {facts["train_seconds"] / 60:.0f} minutes of training on
+- Recipe: `python recipes/standin/train_standin.py --steps {args.steps} --batch-seconds
+  {args.batch_seconds:g} --learning-rate {args.learning_rate:g} --export
+  src/pinchgate/embedded/standin` ({facts["steps"]} steps, AdamW with linear warm-up and
+  decay); {facts["train_seconds"] / 60:.0f} minutes of training on
   the 2-core CPU machine it was made on.
 - WER of the CTC model it was taken from (greedy decoding, before its head was removed):
 

@@ -159,7 +159,8 @@ def compress(
         str | None, Opt(help="A finished `finetune` run dir to compare WER with (MAPSSWE).")
     ] = None,
     train_dense_reference: Annotated[
-        bool | None, Opt(help="Train that dense reference first, in OUTPUT/dense.")
+        bool | None,
+        Opt(help="Also train that dense reference (after compressing), in OUTPUT/dense."),
     ] = None,
     freeze_feature_encoder: Annotated[bool | None, Opt(help="Freeze the CNN encoder.")] = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,

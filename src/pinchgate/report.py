@@ -109,7 +109,11 @@ def render_markdown(report: dict) -> str:
         sig = row.get("significance") or {}
         dense = f"{100 * row['dense_wer']:.2f}%" if "dense_wer" in row else "-"
         p = f"{sig['p_value']:.3f}" if sig else "-"
-        flag = ("yes" if sig["significant_at_0.05"] else "no") if sig else "-"
+        flag = "-"
+        if sig:
+            better = sig["compressed_errors"] < sig["dense_errors"]
+            direction = "compressed better" if better else "compressed worse"
+            flag = f"yes, {direction}" if sig["significant_at_0.05"] else "no"
         wer, cer = f"{100 * row['wer']:.2f}%", f"{100 * row['cer']:.2f}%"
         lines.append(f"| {name} | {wer} | {cer} | {dense} | {p} | {flag} |")
     lines += [
