@@ -20,6 +20,17 @@ def _isolated_cache(tmp_path_factory):
     transformers.utils.logging.disable_progress_bar()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: extra threads only add contention on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def toy_corpus(tmp_path_factory) -> Path:
     """Tone-alphabet corpus with small train/dev/test splits in LibriSpeech layout."""

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,16 @@ def tiny_config(config_class, toy_corpus: Path, out: Path, **changes):
     for key, value in changes.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def cli_command(command: str, toy_corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """`python -m pinchgate COMMAND` on the test corpus, checkpointing every 5 steps."""
+    return [
+        sys.executable, "-m", "pinchgate", command,
+        "--train", str(toy_corpus / "train"), "--test", str(toy_corpus / "test"),
+        "--output-dir", str(out), "--max-steps", str(steps), "--save-every", "5",
+        "--log-every", "1", "--batch-seconds", "4", "--eval-every", "0", *extra,
+    ]  # fmt: skip
 
 
 def read_jsonl(path: Path) -> list[dict]:

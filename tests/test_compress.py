@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -135,31 +134,8 @@ def test_resume_with_another_target_is_refused(toy_corpus, tmp_path):
 
 
 def _command(toy_corpus: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pinchgate",
-        "compress",
-        "--train",
-        str(toy_corpus / "train"),
-        "--test",
-        str(toy_corpus / "test"),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "60",
-        "--save-every",
-        "5",
-        "--log-every",
-        "1",
-        "--batch-seconds",
-        "4",
-        "--eval-every",
-        "0",
-        "--warmup-steps",
-        "5",
-        "--no-train-dense-reference",
-    ]
+    extra = ("--warmup-steps", "5", "--no-train-dense-reference")
+    return runs.cli_command("compress", toy_corpus, out, 60, *extra)
 
 
 def test_kill_and_resume_mid_compression(toy_corpus, tmp_path):

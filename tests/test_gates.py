@@ -21,13 +21,7 @@ from pinchgate.gates import (
 TOY = GateConfig(include=(r"\d+",))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_mlp(seed: int = 0) -> nn.Sequential:

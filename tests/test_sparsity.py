@@ -13,13 +13,7 @@ from pinchgate.sparsity import (
     max_compression_ratio,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- ratio <-> sparsity -----------------------------------------------------------------------

@@ -47,28 +47,7 @@ def test_few_steps_lower_the_loss_on_an_overfit_set(toy_corpus, tmp_path):
 
 
 def _command(toy_corpus: Path, out: Path, steps: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pinchgate",
-        "finetune",
-        "--train",
-        str(toy_corpus / "train"),
-        "--test",
-        str(toy_corpus / "test"),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        str(steps),
-        "--save-every",
-        "5",
-        "--log-every",
-        "1",
-        "--batch-seconds",
-        "4",
-        "--eval-every",
-        "0",
-    ]
+    return runs.cli_command("finetune", toy_corpus, out, steps)
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(toy_corpus, tmp_path):
