@@ -165,7 +165,7 @@ def run_finetune(
             )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(saved_cfg_path, _yaml(cfg))
+        ckpt.atomic_write_text(saved_cfg_path, cfg.to_yaml())
     accelerator.wait_for_everyone()
 
     # --- data and vocabulary ------------------------------------------------------------
@@ -457,9 +457,3 @@ def _tensorboard(run_dir: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _yaml(cfg: FinetuneConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
