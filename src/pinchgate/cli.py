@@ -346,5 +346,69 @@ def data_check(
     typer.echo(report.summary())
 
 
+@app.command()
+@user_errors
+def pack(
+    model_dir: Annotated[Path, typer.Argument(help="Hardened HF model directory or run dir.")],
+    output: Annotated[Path, typer.Argument(help="Directory for the packed model (new).")],
+    values: Annotated[str, Opt(help="Value storage: fp32 (exact), fp16 or int8.")] = "fp32",
+    allow_dense: Annotated[
+        bool, Opt(help="Pack even a model with (almost) no pruned weights.")
+    ] = False,
+) -> None:
+    """Write the compact sparse form: one model.pinch.safetensors plus config and tokenizer."""
+    from pinchgate.export import pack as pack_model
+
+    report = pack_model(model_dir, output, values=values, allow_dense=allow_dense)
+    typer.echo(report.table())
+    typer.echo(f"packed model in {output}")
+
+
+@app.command()
+@user_errors
+def unpack(
+    packed: Annotated[Path, typer.Argument(help="Directory written by `pinchgate pack`.")],
+    output: Annotated[Path, typer.Argument(help="Directory for the stock HF model (new).")],
+) -> None:
+    """Expand a packed model back to a stock Hugging Face directory (model.safetensors)."""
+    from pinchgate.export import unpack as unpack_model
+
+    unpack_model(packed, output)
+    typer.echo(f"HF model directory in {output}")
+
+
+@app.command()
+@user_errors
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="HF model, run or packed directory.")],
+    output: Annotated[Path, typer.Argument(help="File to write (e.g. model.onnx).")],
+    output_format: Annotated[str, Opt("--format", help="Export format: onnx.")] = "onnx",
+    opset: Annotated[int, Opt(help="ONNX opset version.")] = 18,
+    check: Annotated[
+        bool, Opt(help="Run onnxruntime and PyTorch on random audio; print the max logit diff.")
+    ] = False,
+) -> None:
+    """Export to ONNX with dynamic batch and length (input_values -> logits)."""
+    import torch
+
+    from pinchgate.export import export_onnx, load_any, onnx_max_abs_diff
+
+    if output_format != "onnx":
+        raise PinchgateError(f"--format {output_format!r}: only onnx is supported")
+    export_onnx(model_dir, output, opset=opset)
+    typer.echo(f"ONNX model in {output}")
+    if check:
+        model = load_any(model_dir)
+        generator = torch.Generator().manual_seed(0)
+        diffs = []
+        # Shapes other than the export example's, a padded row included.
+        for batch, samples in ((1, 20480), (3, 12345)):
+            audio = torch.randn(batch, samples, generator=generator)
+            mask = torch.ones(batch, samples, dtype=torch.long)
+            mask[-1, samples * 3 // 4 :] = 0
+            diffs.append(onnx_max_abs_diff(output, model, audio, mask))
+        typer.echo(f"max |logit difference| onnxruntime vs PyTorch: {max(diffs):.3g}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
