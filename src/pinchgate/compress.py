@@ -34,6 +34,7 @@ class CompressConfig(FinetuneConfig):
     """Fine-tuning options plus the method's. Give a compression ratio OR a gated sparsity."""
 
     output_dir: str = "runs/compress"
+    method: str = "gates"  # or a baseline, NAME[:key=value,...] (pinchgate.baselines)
     target_ratio: float | None = None  # whole model: total params / kept params
     target_sparsity: float | None = None  # fraction of gated weights pruned
     tying: str = "matrix"  # one threshold per matrix | block | global
@@ -67,6 +68,11 @@ class CompressConfig(FinetuneConfig):
 
     def validate(self) -> None:
         super().validate()
+        from pinchgate.baselines import parse_method
+
+        parse_method(self.method, self.max_steps)
+        if self.method == "dense":  # nothing is pruned: a target is ignored
+            return
         if (self.target_ratio is None) == (self.target_sparsity is None):
             raise PinchgateError("give exactly one of --target-ratio and --target-sparsity")
         if self.target_ratio is not None and not self.target_ratio > 1:
@@ -251,6 +257,10 @@ def run_compress(cfg: CompressConfig, console: Console | None = None) -> dict:
     from pinchgate.report import write_report
 
     cfg.validate()
+    if cfg.method != "gates":
+        from pinchgate.baselines import run_baseline
+
+        return run_baseline(cfg, console)
     run_dir = Path(cfg.output_dir)
     reference_dir = Path(cfg.dense_reference) if cfg.dense_reference else None
     if reference_dir is not None and not (reference_dir / "results.json").is_file():
