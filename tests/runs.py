@@ -31,7 +31,7 @@ def tiny_config(config_class, toy_corpus: Path, out: Path, **changes):
 def cli_command(command: str, toy_corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
     """`python -m pinchgate COMMAND` on the test corpus, checkpointing every 5 steps."""
     return [
-        sys.executable, "-m", "pinchgate", command,
+        sys.executable, "-m", "pinchgate", command, "--model", "toy",
         "--train", str(toy_corpus / "train"), "--test", str(toy_corpus / "test"),
         "--output-dir", str(out), "--max-steps", str(steps), "--save-every", "5",
         "--log-every", "1", "--batch-seconds", "4", "--eval-every", "0", *extra,

@@ -118,7 +118,17 @@ def test_dense_reference_and_significance_in_the_report(toy_corpus, tmp_path):
 def test_bad_targets_are_one_line_before_training(toy_corpus, tmp_path, args, message):
     out = tmp_path / "run"
     result = CliRunner().invoke(
-        app, ["compress", "--train", str(toy_corpus / "train"), "--output-dir", str(out), *args]
+        app,
+        [
+            "compress",
+            "--model",
+            "toy",
+            "--train",
+            str(toy_corpus / "train"),
+            "--output-dir",
+            str(out),
+            *args,
+        ],
     )
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output

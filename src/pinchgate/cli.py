@@ -59,7 +59,8 @@ Opt = typer.Option
 def finetune(
     config: Annotated[Path | None, Opt(help="YAML config; options given here override it.")] = None,
     model: Annotated[
-        str | None, Opt(help="HF model directory or hub id; 'toy' for the built-in case.")
+        str | None,
+        Opt(help="HF model dir or hub id (default: the embedded stand-in; 'toy': tiny case)."),
     ] = None,
     train: Annotated[
         str | None, Opt(help="Training corpus: LibriSpeech-layout dir or .tsv/.jsonl manifest.")
@@ -102,11 +103,13 @@ def finetune(
 
 
 def _config(config_class, config_file: Path | None, model: str | None, options: dict):
-    """Start from the YAML file, or the toy preset when no model is named, else the
-    defaults; then apply the options given on the command line."""
+    """Start from the YAML file, or a preset (the embedded default when no model is named,
+    the toy case for `--model toy`), else the defaults; then apply the command line."""
     if config_file is not None:
         cfg = config_class.load(config_file)
-    elif model in (None, "toy"):
+    elif model in (None, "embedded"):
+        cfg = config_class.embedded()
+    elif model == "toy":
         cfg = config_class.toy()
     else:
         cfg = config_class()
@@ -122,12 +125,19 @@ def compress(
     config: Annotated[Path | None, Opt(help="YAML config; options given here override it.")] = None,
     model: Annotated[
         str | None,
-        Opt(help="Pretrained HF model directory or hub id; 'toy' for the built-in case."),
+        Opt(help="HF model dir or hub id (default: the embedded stand-in; 'toy': tiny case)."),
     ] = None,
     train: Annotated[str | None, Opt(help="Training corpus (dir or manifest).")] = None,
     dev: Annotated[str | None, Opt(help="Development corpus.")] = None,
     test: Annotated[list[str] | None, Opt(help="Test corpus (repeatable).")] = None,
     output_dir: Annotated[str | None, Opt(help="Run directory (resumed if it exists).")] = None,
+    method: Annotated[
+        str | None,
+        Opt(
+            help="gates (default) or a baseline: dense, ump, gmp-global, gmp, parp, str; "
+            "options as NAME:key=value,... (docs/baselines.md)."
+        ),
+    ] = None,
     target_ratio: Annotated[
         float | None, Opt(help="Whole-model compression ratio, total / kept params (e.g. 2.86).")
     ] = None,

@@ -72,9 +72,9 @@ class FinetuneConfig:
 
         return cls(
             model=str(EMBEDDED_MODEL),
-            train="synth:train",
-            dev="synth:dev",
-            test=["synth:test", "synth:test-unseen"],
+            train="embedded:train",
+            dev="embedded:dev",
+            test=["embedded:test", "embedded:test-unseen"],
             output_dir="runs/embedded-finetune",
             max_steps=300,
             learning_rate=5e-4,

@@ -1,7 +1,10 @@
-"""Built-in corpora named by a spec instead of a path: `toy:<split>` and `synth:<split>`.
+"""Built-in corpora named by a spec instead of a path.
 
-Both are generated on first use from a fixed seed into a cache directory
-(`$PINCHGATE_CACHE`, default `~/.cache/pinchgate`) and reused afterwards.
+- `embedded:<split>`: the embedded default's speech, shipped inside the package
+  (`pinchgate/embedded/corpus`, made by `recipes/embedded_corpus.py`): nothing to build.
+- `toy:<split>` and `synth:<split>`: generated on first use from a fixed seed into a cache
+  directory (`$PINCHGATE_CACHE`, default `~/.cache/pinchgate`) and reused afterwards;
+  `synth:` needs the text-to-speech engines (`scripts/install-tts.sh`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pinchgate.errors import CorpusError
 # the `pretrain` split of the same seed-0 build; texts and voices per split do not depend
 # on the other splits' sizes).
 SYNTH_SIZES = {"train": 800, "dev": 200, "test": 200, "test-unseen": 200}
+EMBEDDED_CORPUS = Path(__file__).resolve().parent.parent / "embedded" / "corpus"
 
 
 def cache_dir() -> Path:
@@ -24,6 +28,15 @@ def cache_dir() -> Path:
 
 def resolve_corpus(spec: str) -> Path:
     """A path for a corpus spec: built-in corpora are built on first use; else the path."""
+    if spec.startswith("embedded:"):
+        split = spec.split(":", 1)[1]
+        if split not in SYNTH_SIZES:
+            raise CorpusError(f"{spec}: the embedded corpus has {', '.join(SYNTH_SIZES)}")
+        if not (EMBEDDED_CORPUS / "corpus.json").is_file():
+            raise CorpusError(
+                f"{spec}: {EMBEDDED_CORPUS} is missing; this checkout has no embedded corpus"
+            )
+        return EMBEDDED_CORPUS / split
     if spec.startswith("toy:"):
         from pinchgate.data.toy import build_toy_corpus
 

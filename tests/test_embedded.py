@@ -1,0 +1,65 @@
+"""The embedded default: the shipped corpus and stand-in encoder, and the presets naming them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pinchgate.compress import CompressConfig
+from pinchgate.config import FinetuneConfig
+from pinchgate.data.audio import load_audio
+from pinchgate.data.builtin import EMBEDDED_CORPUS, SYNTH_SIZES, resolve_corpus
+from pinchgate.data.corpus import read_corpus
+from pinchgate.errors import CorpusError
+from pinchgate.models import EMBEDDED_MODEL, load_ctc_model
+
+needs_corpus = pytest.mark.skipif(
+    not (EMBEDDED_CORPUS / "corpus.json").is_file(), reason="no embedded corpus in this checkout"
+)
+needs_model = pytest.mark.skipif(
+    not (EMBEDDED_MODEL / "model.safetensors").is_file(), reason="no stand-in in this checkout"
+)
+
+
+def test_presets_name_the_embedded_model_and_corpus():
+    for cfg in (FinetuneConfig.embedded(), CompressConfig.embedded()):
+        assert cfg.model == str(EMBEDDED_MODEL)
+        assert cfg.train == "embedded:train"
+        assert cfg.test == ["embedded:test", "embedded:test-unseen"]
+    assert CompressConfig.embedded().target_ratio == 2.86
+
+
+def test_unknown_embedded_split_is_one_line():
+    with pytest.raises(CorpusError, match="embedded:pretrain: the embedded corpus has train"):
+        resolve_corpus("embedded:pretrain")
+
+
+@needs_corpus
+def test_embedded_corpus_is_complete_and_readable():
+    summary = json.loads((EMBEDDED_CORPUS / "corpus.json").read_text())
+    for split, size in SYNTH_SIZES.items():
+        utterances, problems = read_corpus(resolve_corpus(f"embedded:{split}"))
+        assert len(utterances) == size == summary["splits"][split]["utterances"], split
+        assert problems == []
+        assert all(u.transcript and u.transcript == u.transcript.upper() for u in utterances)
+    # test-unseen's voices were never used for training: that is what the split is for.
+    train_voices = set(summary["splits"]["train"]["speakers"])
+    assert not train_voices & set(summary["splits"]["test-unseen"]["speakers"])
+    first = read_corpus(resolve_corpus("embedded:dev"))[0][0]
+    audio = load_audio(first.audio_path, 16000)
+    assert audio.dtype.name == "float32" and 0.5 < len(audio) / 16000 < 25
+    assert 0.01 < float(abs(audio).max()) <= 1.0
+
+
+@needs_model
+def test_stand_in_loads_with_a_fresh_ctc_head():
+    model = load_ctc_model(str(EMBEDDED_MODEL), vocab_size=32)
+    assert model.lm_head.out_features == 32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    encoder = sum(p.numel() for p in model.wav2vec2.parameters())
+    assert 4_000_000 < encoder < 7_000_000
+    with torch.no_grad():
+        logits = model(torch.randn(1, 16000)).logits
+    assert logits.shape[-1] == 32 and torch.isfinite(logits).all()
