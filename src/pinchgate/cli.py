@@ -150,6 +150,13 @@ def compress(
     batch_seconds: Annotated[float | None, Opt(help="Padded audio seconds per batch.")] = None,
     grad_accum: Annotated[int | None, Opt(help="Gradient accumulation steps.")] = None,
     mixed_precision: Annotated[str | None, Opt(help="auto, no, fp16 or bf16.")] = None,
+    granularity: Annotated[
+        str | None,
+        Opt(
+            help="What a gate prunes: weight (default) or structured (whole FFN neurons and "
+            "attention heads; also writes the physically smaller model-shrunk/)."
+        ),
+    ] = None,
     tying: Annotated[str | None, Opt(help="Threshold tying: matrix, block or global.")] = None,
     tau_rel: Annotated[float | None, Opt(help="tau = tau_rel x mean(W^2) per layer.")] = None,
     tau_final: Annotated[
@@ -418,6 +425,29 @@ def export(
             mask[-1, samples * 3 // 4 :] = 0
             diffs.append(onnx_max_abs_diff(output, model, audio, mask))
         typer.echo(f"max |logit difference| onnxruntime vs PyTorch: {max(diffs):.3g}")
+
+
+@app.command()
+@user_errors
+def shrink(
+    model_dir: Annotated[Path, typer.Argument(help="Hardened HF model directory or run dir.")],
+    output: Annotated[Path, typer.Argument(help="Directory for the shrunken model (new).")],
+) -> None:
+    """Remove pruned FFN neurons and attention heads: smaller dense matrices, same outputs.
+
+    Reads back with pinchgate (load_any / export); config.json records the per-layer sizes.
+    """
+    from pinchgate.structured import shrink_dir
+
+    result = shrink_dir(model_dir, output)
+    for i, layer in enumerate(result["structure"]["layers"]):
+        typer.echo(
+            f"layer {i:2}: {layer['intermediate_size']} FFN neurons, "
+            f"{len(layer['heads'])} heads {layer['heads']}"
+        )
+    before, after = result["params_before"], result["params_after"]
+    typer.echo(f"parameters: {before:,} -> {after:,} ({before / after:.3f}x)")
+    typer.echo(f"shrunken model in {output}")
 
 
 def main() -> None:  # pragma: no cover

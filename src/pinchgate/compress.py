@@ -28,6 +28,8 @@ from pinchgate.sparsity import (
 )
 from pinchgate.train import TrainHooks, run_finetune
 
+GRANULARITIES = ("weight", "structured")
+
 
 @dataclass
 class CompressConfig(FinetuneConfig):
@@ -37,7 +39,8 @@ class CompressConfig(FinetuneConfig):
     method: str = "gates"  # or a baseline, NAME[:key=value,...] (pinchgate.baselines)
     target_ratio: float | None = None  # whole model: total params / kept params
     target_sparsity: float | None = None  # fraction of gated weights pruned
-    tying: str = "matrix"  # one threshold per matrix | block | global
+    granularity: str = "weight"  # weight | structured (FFN neurons + attention heads)
+    tying: str = "matrix"  # one threshold per matrix (structured: per unit) | block | global
     tau_rel: float = 0.2  # tau_l = tau_rel * mean(W_l^2) at the start
     tau_final: float = 1.0  # tau annealed geometrically to tau_final x its start (1: fixed)
     threshold_init_rel: float = 0.3  # t_l starts at this x RMS(W_l)
@@ -71,6 +74,21 @@ class CompressConfig(FinetuneConfig):
         from pinchgate.baselines import parse_method
 
         parse_method(self.method, self.max_steps)
+        if self.granularity not in GRANULARITIES:
+            raise PinchgateError(
+                f"--granularity {self.granularity!r}: must be {' or '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "structured":
+            if self.method != "gates":
+                raise PinchgateError(
+                    f"--granularity structured: only with --method gates, not {self.method!r}"
+                )
+            for name in ("include_pos_conv", "include_feature_encoder"):
+                if getattr(self, name):
+                    raise PinchgateError(
+                        f"--{name.replace('_', '-')}: a weight-level option, not for "
+                        "--granularity structured"
+                    )
         if self.method == "dense":  # nothing is pruned: a target is ignored
             return
         if (self.target_ratio is None) == (self.target_sparsity is None):
@@ -267,9 +285,20 @@ def run_compress(cfg: CompressConfig, console: Console | None = None) -> dict:
         raise PinchgateError(
             f"--dense-reference {reference_dir}: no results.json (not a finished finetune run)"
         )
-    method = GateMethod(cfg, run_dir)
+    if cfg.granularity == "structured":
+        from pinchgate.structured import StructuredGateMethod
+
+        method = StructuredGateMethod(cfg, run_dir)
+    else:
+        method = GateMethod(cfg, run_dir)
     started = time.perf_counter()
     results = run_finetune(cfg, hooks=method.hooks(), build=method.attach, console=console)
+    if cfg.granularity == "structured" and PartialState().is_main_process:
+        from pinchgate.structured import export_shrunk_run, record_shrunk
+
+        say = (console or Console(stderr=True)).print
+        shrunk = export_shrunk_run(results, run_dir, cfg.eval_batch_seconds, say)
+        record_shrunk(run_dir, results, shrunk)
     results["wall_seconds"] = time.perf_counter() - started
     # The reference is trained after compression so that every error in the compression
     # options (an unreachable ratio, say) is reported before any training.

@@ -496,11 +496,23 @@ def _build_model(config) -> torch.nn.Module:
     with freshly initialised weights (on the current default device)."""
     import transformers
 
+    model = None
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None and name.endswith("ForCTC"):
-            return cls(config)
-    return transformers.AutoModelForCTC.from_config(config)
+            model = cls(config)
+            break
+    if model is None:
+        model = transformers.AutoModelForCTC.from_config(config)
+    structure = getattr(config, "pinchgate_structure", None)
+    if structure is not None:  # a shrunken model (pinchgate.structured): per-layer sizes
+        from pinchgate.structured import apply_structure
+
+        try:
+            apply_structure(model, structure)
+        except ValueError as exc:
+            raise PinchgateError(f"config.json: {exc}") from None
+    return model
 
 
 def load(packed_dir: str | Path) -> torch.nn.Module:
@@ -528,13 +540,18 @@ def unpack(packed_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def load_any(source: str | Path) -> torch.nn.Module:
-    """A model from a packed directory, a stock HF directory or a run directory."""
+    """A model from a packed directory, a stock HF directory, a shrunken one (see
+    pinchgate.structured) or a run directory."""
     if is_packed(source):
         return load(source)
     from pinchgate.models import load_ctc_model
 
     model_dir = resolve_model_dir(source)
     _weight_files(model_dir)  # refuses pickle-only directories with a clear line
+    if "pinchgate_structure" in json.loads((model_dir / "config.json").read_text()):
+        from pinchgate.structured import load_shrunk  # stock loading would mis-size it
+
+        return load_shrunk(model_dir)
     return load_ctc_model(model_dir).eval()
 
 

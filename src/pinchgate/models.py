@@ -108,6 +108,13 @@ def load_ctc_model(
     impossible alignment cannot turn the loss into inf.
     """
     config = load_config(source)
+    if getattr(config, "pinchgate_structure", None) is not None:
+        # Physically shrunk (per-layer sizes): HF would re-initialise every resized tensor.
+        if vocab_size is not None or new_head or config_overrides:
+            raise ModelLoadError(f"{source}: a shrunk model cannot be given a new head or config")
+        from pinchgate.structured import load_shrunk
+
+        return load_shrunk(source).float()
     overrides = {"ctc_zero_infinity": True, "ctc_loss_reduction": "mean", **config_overrides}
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size

@@ -102,6 +102,12 @@ def render_markdown(report: dict) -> str:
     ]
     if "method" in report:
         lines.insert(4, f"| method | {report['method']} |")
+    shrunk = c.get("shrunk")  # --granularity structured: the physically smaller model too
+    if shrunk:
+        lines.append(
+            f"| parameters of the shrunken model (`{Path(shrunk['dir']).name}/`) "
+            f"| {shrunk['params']:,} |"
+        )
     for i, row in enumerate(t.get("passes", []), 1):
         lines.append(f"| pass {i}: {row['name']} (`{row['run_dir']}`) | {row['seconds']:.1f} s |")
     if report["time"].get("dense_reference_train_seconds") is not None:
@@ -125,6 +131,10 @@ def render_markdown(report: dict) -> str:
             flag = f"yes, {direction}" if sig["significant_at_0.05"] else "no"
         wer, cer = f"{100 * row['wer']:.2f}%", f"{100 * row['cer']:.2f}%"
         lines.append(f"| {name} | {wer} | {cer} | {dense} | {p} | {flag} |")
+    if shrunk:
+        lines += ["", "Shrunken model, read back from disk:", ""]
+        for name, row in shrunk["eval"].items():
+            lines.append(f"- {name}: WER {100 * row['wer']:.2f}%, CER {100 * row['cer']:.2f}%")
     during = "; kept fraction and thresholds during training: `gates.jsonl`, `training.png`"
     lines += [
         "",
