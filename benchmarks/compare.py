@@ -1,0 +1,253 @@
+"""Compare the gates with the baselines at several compression ratios, on equal terms.
+
+    python benchmarks/compare.py [--out runs/compare] [--ratios 2 2.86 4.26 6]
+                                 [--methods gates ump gmp-global gmp parp str] [--seeds 0]
+                                 [--config recipe.yaml] [--quick]
+
+Every method starts from the same model and corpus (the embedded default unless --config
+names a `pinchgate compress` YAML), with the same step budget per pass, the same seed and
+the same gated weights. One dense fine-tuning run per seed is the reference accuracy and the
+first pass of the two-pass methods (ump, gmp-global, parp): it is trained once and its
+training time is counted in each of their totals. Writes to --out:
+
+    compare.json   every run's ratio, parameters, WER per test set, MAPSSWE p against dense
+                   and against the gates, total compression time (all passes)
+    compare.md     the table (mean and spread over seeds when there are several)
+    compare.png    WER on the first test set against parameters kept, one line per method
+
+Finished runs are not redone: rerunning the command (after a kill, or with more ratios,
+methods or seeds) only runs what is missing. `--quick` is the tiny built-in toy case, two
+ratios and a few dozen steps: the whole benchmark in a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_RATIOS = (2.0, 2.86, 4.26, 6.0)
+METHODS = ("gates", "ump", "gmp-global", "gmp", "parp", "str")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--ratios", type=float, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--config", type=Path, default=None, help="compress YAML to start from")
+    parser.add_argument("--max-steps", type=int, default=None, help="steps per pass")
+    parser.add_argument("--quick", action="store_true", help="tiny toy setting, a few minutes")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    from pinchgate.compress import CompressConfig
+    from pinchgate.errors import PinchgateError
+
+    if args.quick:
+        base = CompressConfig.toy()
+        base.max_steps, base.warmup_steps, base.eval_every = 80, 10, 0
+        base.save_every, base.log_every = 40, 20
+        ratios = args.ratios or [1.3, 1.6]
+    else:
+        base = CompressConfig.load(args.config) if args.config else CompressConfig.embedded()
+        ratios = args.ratios or list(DEFAULT_RATIOS)
+    if args.max_steps is not None:
+        base.max_steps = args.max_steps
+    base.train_dense_reference = False
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+
+    rows = []
+    for seed in args.seeds:
+        seed_dir = args.out / f"seed{seed}"
+        dense_dir = seed_dir / "dense"
+        dense = run_one(base, dense_dir, seed=seed, method="dense", target_ratio=None)
+        rows.append(dense)
+        for ratio in ratios:
+            for method in args.methods:
+                try:
+                    row = run_one(
+                        base,
+                        seed_dir / f"{method}-{ratio:g}x",
+                        seed=seed,
+                        method=method,
+                        target_ratio=ratio,
+                        dense_dir=dense_dir,
+                    )
+                except PinchgateError as exc:
+                    print(f"{method} at {ratio:g}x: {exc}", file=sys.stderr)
+                    continue
+                rows.append(row)
+    add_gate_comparisons(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"command": " ".join(["python benchmarks/compare.py", *(argv or sys.argv[1:])])}
+    summary["rows"] = rows
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = render_table(rows)
+    (args.out / "compare.md").write_text(table + "\n")
+    plot(rows, args.out / "compare.png")
+    print(table)
+    print(f"\nwrote {args.out / 'compare.md'}, compare.json, compare.png")
+    return 0
+
+
+def run_one(base, run_dir: Path, seed: int, method: str, target_ratio, dense_dir=None) -> dict:
+    """One run, or its saved result when it has finished before."""
+    from pinchgate.compress import CompressConfig, run_compress
+
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        values = dataclasses.asdict(base)
+        values.update(output_dir=str(run_dir), seed=seed, method=method)
+        values.update(target_ratio=target_ratio, target_sparsity=None)
+        values["dense_reference"] = str(dense_dir) if dense_dir is not None else None
+        cfg = CompressConfig(**values)
+        if method == "dense":
+            cfg.target_ratio = None
+        started = time.perf_counter()
+        run_compress(cfg)
+        print(f"{run_dir}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    report = json.loads(report_path.read_text())
+    compression = report["compression"]
+    return {
+        "seed": seed,
+        "method": method,
+        "target_ratio": target_ratio,
+        "ratio": compression["compression_ratio"],
+        "total_params": compression["total_params"],
+        "kept_params": compression["kept_params"],
+        "gated_sparsity": compression["gated_sparsity"],
+        "seconds": report["time"]["compression_seconds"],
+        "passes": report["time"].get("passes"),
+        "sets": {
+            name: {
+                "wer": s["wer"],
+                "p_vs_dense": (s.get("significance") or {}).get("p_value"),
+                "better_than_dense": _better(s.get("significance")),
+            }
+            for name, s in report["sets"].items()
+        },
+        "run_dir": str(run_dir),
+    }
+
+
+def _better(significance: dict | None) -> str | None:
+    if not significance:
+        return None
+    if significance["compressed_errors"] == significance["dense_errors"]:
+        return "same"
+    return (
+        "compressed"
+        if significance["compressed_errors"] < significance["dense_errors"]
+        else "dense"
+    )
+
+
+def add_gate_comparisons(rows: list[dict]) -> None:
+    """MAPSSWE of each baseline against the gates at the same ratio and seed; time ratio."""
+    from pinchgate.report import compare_with_reference
+
+    gates = {(r["seed"], r["target_ratio"]): r for r in rows if r["method"] == "gates"}
+    for row in rows:
+        ours = gates.get((row["seed"], row["target_ratio"]))
+        row["time_vs_gates"] = row["seconds"] / ours["seconds"] if ours else None
+        for name, entry in row["sets"].items():
+            entry["p_vs_gates"] = None
+            if ours is None or row is ours:
+                continue
+            test = compare_with_reference(
+                Path(row["run_dir"]) / "eval" / f"{name}.jsonl",
+                Path(ours["run_dir"]) / "eval" / f"{name}.jsonl",
+            )
+            entry["p_vs_gates"] = test["p_value"] if test else None
+
+
+def render_table(rows: list[dict]) -> str:
+    """One line per (method, target ratio), mean ± spread (sample std) over seeds."""
+    sets = list(rows[0]["sets"]) if rows else []
+    header = ["method", "target", "ratio", "kept params"]
+    header += [f"WER {s}" for s in sets] + [f"p vs dense ({s})" for s in sets[:1]]
+    header += [f"p vs gates ({s})" for s in sets[:1]] + ["time s", "time / gates"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["target_ratio"] or 1.0, row["method"]), []).append(row)
+    for (target, method), group in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))
+    ):
+        cells = [method, f"{target:g}x", _stat([r["ratio"] for r in group], "{:.3f}x")]
+        cells.append(_stat([r["kept_params"] for r in group], "{:,.0f}"))
+        cells += [_stat([100 * r["sets"][s]["wer"] for r in group], "{:.2f}%") for s in sets]
+        for key in ("p_vs_dense", "p_vs_gates"):
+            for s in sets[:1]:
+                values = [r["sets"][s][key] for r in group if r["sets"][s].get(key) is not None]
+                cells.append(_stat(values, "{:.3f}") if values else "")
+        cells.append(_stat([r["seconds"] for r in group], "{:.0f}"))
+        ratios = [r["time_vs_gates"] for r in group if r.get("time_vs_gates") is not None]
+        cells.append(_stat(ratios, "{:.2f}") if ratios and method != "gates" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _order(method: str) -> int:
+    order = ("dense", *METHODS)
+    return order.index(method) if method in order else len(order)
+
+
+def _stat(values: list[float], fmt: str) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    first = list(rows[0]["sets"])[0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = [r for r in rows if r["method"] == "dense"]
+    if dense:
+        wer = statistics.mean(100 * r["sets"][first]["wer"] for r in dense)
+        ax.axhline(wer, color="grey", linestyle="--", label="dense")
+    for method in METHODS:
+        points: dict[float, list[dict]] = {}
+        for r in rows:
+            if r["method"] == method:
+                points.setdefault(r["target_ratio"], []).append(r)
+        if not points:
+            continue
+        ordered = sorted(points.items())
+        xs = [
+            statistics.mean(100 * r["kept_params"] / r["total_params"] for r in g)
+            for _, g in ordered
+        ]
+        ys = [statistics.mean(100 * r["sets"][first]["wer"] for r in g) for _, g in ordered]
+        ax.plot(xs, ys, marker="o", label=method)
+    ax.set_xlabel("parameters kept (%)")
+    ax.set_ylabel(f"WER on {first} (%)")
+    ax.invert_xaxis()
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
