@@ -235,6 +235,10 @@ class GateMethod:
         if not gates.frozen:  # no frozen stretch: the exact fit happens here
             factor = gates.fit_thresholds(self.target_sparsity)
         hardened = gates.harden()
+        return self.summary(model, hardened, factor, started)
+
+    def summary(self, model: torch.nn.Module, hardened, factor: float | None, started: float):
+        """What the report says of a hardened model: counts, ratio, sparsity, fit, time."""
         zeros = sum(int((p == 0).sum()) for p in model.parameters())
         kept_params = self.total_params - (hardened.total - hardened.kept)
         return {

@@ -865,28 +865,13 @@ class StructuredGateMethod(GateMethod):
             factor = gates.fit_thresholds(self.target_sparsity)
         structure = gates.structure()
         hardened = gates.harden()
-        zeros = sum(int((p == 0).sum()) for p in model.parameters())
-        kept_params = self.total_params - (hardened.total - hardened.kept)
-        return {
-            "compression": {
-                "granularity": "structured",
-                "total_params": self.total_params,
-                "gated_params": hardened.total,
-                "gated_kept": hardened.kept,
-                "kept_params": kept_params,
-                "zero_params": zeros,
-                "compression_ratio": self.total_params / kept_params,
-                "parameter_reduction": 1 - kept_params / self.total_params,
-                "gated_sparsity": hardened.sparsity,
-                "target_sparsity": self.target_sparsity,
-                "target_ratio": self.cfg.target_ratio,
-                "largest_group_params": max(s.group_size for s in hardened.layers),
-                "final_fit_factor": factor,
-                "harden_seconds": time.perf_counter() - started,
-                "groups": structure,
-            },
-            "layers": [vars(layer) for layer in hardened.layers],
-        }
+        result = self.summary(model, hardened, factor, started)
+        result["compression"].update(
+            granularity="structured",
+            largest_group_params=max(s.group_size for s in hardened.layers),
+            groups=structure,
+        )
+        return result
 
 
 def export_shrunk_run(
