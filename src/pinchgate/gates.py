@@ -487,7 +487,48 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GatedModel:
     return GatedModel(model)
 
 
-class GatedModel:
+class GateControls:
+    """What every gate view shares, given ``model``, ``bank`` (the thresholds), and its own
+    ``kept_fractions`` and ``hard_counts``: optimiser groups, fractions, tau and thresholds."""
+
+    model: nn.Module
+    bank: ThresholdBank
+
+    def kept_fractions(self) -> KeptFractions:
+        raise NotImplementedError
+
+    def hard_counts(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """Parameters to give their own optimiser group (own learning rate, no weight decay)."""
+        return [self.bank.raw]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the model except the thresholds."""
+        return [p for p in self.model.parameters() if p is not self.bank.raw]
+
+    def soft_kept_fraction(self) -> Tensor:
+        """Differentiable kept fraction of the gated parameters."""
+        return self.kept_fractions().soft
+
+    def hard_kept_fraction(self) -> float:
+        kept, total = self.hard_counts()
+        return kept / total
+
+    def set_tau_scale(self, factor: float) -> None:
+        """Multiply every initial tau by ``factor`` (annealing; 1 = as attached)."""
+        self.bank.set_tau_scale(factor)
+
+    def scale_thresholds(self, factor: float) -> None:
+        """Multiply every threshold by one common factor."""
+        if not factor >= 0:
+            raise ValueError(f"threshold scale factor must be >= 0, got {factor}")
+        with torch.no_grad():
+            self.bank.raw.mul_(factor)
+
+
+class GatedModel(GateControls):
     """A view of a model's gates; all state lives in the model (see ``gates_of``)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -511,14 +552,6 @@ class GatedModel:
     def frozen(self) -> bool:
         return any(layer.gate.frozen for layer in self.layers)
 
-    def threshold_parameters(self) -> list[nn.Parameter]:
-        """Parameters to give their own optimiser group (own learning rate, no weight decay)."""
-        return [self.bank.raw]
-
-    def weight_parameters(self) -> list[nn.Parameter]:
-        """Every parameter of the model except the thresholds."""
-        return [p for p in self.model.parameters() if p is not self.bank.raw]
-
     def thresholds(self) -> dict[str, float]:
         """Threshold value (weight units) per gated layer."""
         values = self.bank.thresholds().detach().cpu().tolist()
@@ -535,18 +568,10 @@ class GatedModel:
         total = float(self.numel)
         return KeptFractions(torch.stack(softs).sum() / total, torch.stack(hards).sum() / total)
 
-    def soft_kept_fraction(self) -> Tensor:
-        """Differentiable sum of M over all gated weights / number of gated weights."""
-        return self.kept_fractions().soft
-
     def hard_counts(self) -> tuple[int, int]:
         """(kept, total) under the exact hard mask 1[|W| > t]."""
         kept = sum(int(layer.hard_mask().sum()) for layer in self.layers)
         return kept, self.numel
-
-    def hard_kept_fraction(self) -> float:
-        kept, total = self.hard_counts()
-        return kept / total
 
     def layer_stats(self) -> list[LayerStats]:
         thresholds = self.bank.thresholds().detach().cpu().tolist()
@@ -566,17 +591,6 @@ class GatedModel:
         return stats
 
     # --- controls --------------------------------------------------------------------------
-    def set_tau_scale(self, factor: float) -> None:
-        """Multiply every layer's initial tau by ``factor`` (annealing; 1 = as attached)."""
-        self.bank.set_tau_scale(factor)
-
-    def scale_thresholds(self, factor: float) -> None:
-        """Multiply every threshold by one common factor."""
-        if not factor >= 0:
-            raise ValueError(f"threshold scale factor must be >= 0, got {factor}")
-        with torch.no_grad():
-            self.bank.raw.mul_(factor)
-
     def fit_thresholds(self, target_sparsity: float, iterations: int = 64) -> float:
         """Scale all thresholds by one factor so the HARD gated sparsity equals the target.
 

@@ -52,6 +52,7 @@ from pinchgate.compress import GateMethod, _say
 from pinchgate.errors import PinchgateError
 from pinchgate.gates import (
     TYING_MODES,
+    GateControls,
     HardenResult,
     KeptFractions,
     LayerStats,
@@ -370,7 +371,7 @@ class UnitStats(LayerStats):
     group_size: int = 0
 
 
-class StructuredGates:
+class StructuredGates(GateControls):
     """A view of a model's structured gates with ``GatedModel``'s interface; state in the model."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -394,12 +395,6 @@ class StructuredGates:
     def frozen(self) -> bool:
         return any(u.frozen for u in self.units)
 
-    def threshold_parameters(self) -> list[nn.Parameter]:
-        return [self.bank.raw]
-
-    def weight_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p is not self.bank.raw]
-
     def thresholds(self) -> dict[str, float]:
         """Threshold on each unit's group L2 norm."""
         values = self.bank.thresholds().detach().cpu().tolist()
@@ -416,17 +411,10 @@ class StructuredGates:
         total = float(self.numel)
         return KeptFractions(torch.stack(softs).sum() / total, torch.stack(hards).sum() / total)
 
-    def soft_kept_fraction(self) -> Tensor:
-        return self.kept_fractions().soft
-
     def hard_counts(self) -> tuple[int, int]:
         """(kept, total) parameters under the exact hard mask."""
         kept = sum(int(u.hard_groups().sum()) * u.group_size for u in self.units)
         return kept, self.numel
-
-    def hard_kept_fraction(self) -> float:
-        kept, total = self.hard_counts()
-        return kept / total
 
     def layer_stats(self) -> list[UnitStats]:
         thresholds = self.bank.thresholds().detach().cpu().tolist()
@@ -451,15 +439,6 @@ class StructuredGates:
         return stats
 
     # --- controls --------------------------------------------------------------------------
-    def set_tau_scale(self, factor: float) -> None:
-        self.bank.set_tau_scale(factor)
-
-    def scale_thresholds(self, factor: float) -> None:
-        if not factor >= 0:
-            raise ValueError(f"threshold scale factor must be >= 0, got {factor}")
-        with torch.no_grad():
-            self.bank.raw.mul_(factor)
-
     def fit_thresholds(self, target_sparsity: float) -> float:
         """Scale all thresholds by one factor so the hard kept PARAMETER count is as close to
         the target as whole groups allow (keeps the learned per-unit allocation).
