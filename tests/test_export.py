@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -282,7 +283,7 @@ def test_cli_pack_and_unpack_a_run_directory(tmp_path, sparse_dir, one_thread):
 
 
 @pytest.fixture(scope="module")
-def onnx_run(tmp_path_factory, tiny_model_dir):
+def onnx_run(tmp_path_factory, tiny_model_dir, toy_corpus):
     """`pinchgate export --check` on a packed layer-norm model (whose feature extractor
     returns attention masks, so the graph takes one): (packed dir, onnx file, output)."""
     pytest.importorskip("onnxruntime")
@@ -299,7 +300,11 @@ def onnx_run(tmp_path_factory, tiny_model_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = root / "onnx" / "model.onnx"
-    result = runner.invoke(app, ["export", str(root / "packed"), str(out), "--check"])
+    result = runner.invoke(
+        app,
+        ["export", str(root / "packed"), str(out), "--check"]
+        + ["--check-data", str(toy_corpus / "dev")],
+    )
     torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     return root / "packed", out, result.output
@@ -307,8 +312,36 @@ def onnx_run(tmp_path_factory, tiny_model_dir):
 
 def test_cli_export_check_prints_the_difference(onnx_run):
     _, path, output = onnx_run
-    difference = float(output.split("onnxruntime vs PyTorch:")[1])
+    difference = float(output.split("onnxruntime vs PyTorch:")[1].split()[0])
     assert path.is_file() and difference < 1e-4
+
+
+def test_cli_export_check_data_decodes_the_corpus_with_both(onnx_run):
+    output = onnx_run[2]
+    line = next(row for row in output.splitlines() if row.startswith("dev: WER"))
+    assert "identical hypotheses 6/6" in line
+    torch_wer, onnx_wer = (float(x) for x in re.findall(r"(?:PyTorch|onnxruntime) ([\d.]+)%", line))
+    assert torch_wer == onnx_wer
+
+
+def test_onnx_model_decodes_like_the_pytorch_model(onnx_run, toy_corpus, one_thread):
+    from pinchgate.data.corpus import read_corpus
+
+    packed, path, _ = onnx_run
+    utterances, _ = read_corpus(toy_corpus / "test")
+    found = export.check_onnx_on_corpus(path, packed, utterances, "test", batch_seconds=3.0)
+    assert found["utterances"] == len(utterances) == found["same_hypotheses"]
+    assert found["onnx"]["wer"] == found["torch"]["wer"]
+    assert found["onnx"]["words"] == found["torch"]["words"] > 0
+    assert found["max_abs_diff"] < 1e-4
+    # The wrapper counts output frames as the PyTorch model does, for unpadding.
+    model = export.load(packed)
+    lengths = torch.tensor([400, 16000, 23456])
+    wrapper = export.OnnxCTCModel(path, model.config)
+    assert torch.equal(
+        wrapper._get_feat_extract_output_lengths(lengths),
+        model._get_feat_extract_output_lengths(lengths),
+    )
 
 
 def test_onnx_matches_pytorch_at_new_batch_sizes_and_lengths(onnx_run, one_thread):

@@ -404,11 +404,20 @@ def export(
     check: Annotated[
         bool, Opt(help="Run onnxruntime and PyTorch on random audio; print the max logit diff.")
     ] = False,
+    check_data: Annotated[
+        list[str] | None,
+        Opt(
+            help="Also decode this corpus (repeatable) with onnxruntime and PyTorch; print "
+            "both WERs, identical hypotheses and the max logit diff on its audio."
+        ),
+    ] = None,
 ) -> None:
     """Export to ONNX with dynamic batch and length (input_values -> logits)."""
     import torch
 
-    from pinchgate.export import export_onnx, load_any, onnx_max_abs_diff
+    from pinchgate.data.builtin import resolve_corpus
+    from pinchgate.data.corpus import load_corpus
+    from pinchgate.export import check_onnx_on_corpus, export_onnx, load_any, onnx_max_abs_diff
 
     if output_format != "onnx":
         raise PinchgateError(f"--format {output_format!r}: only onnx is supported")
@@ -425,6 +434,17 @@ def export(
             mask[-1, samples * 3 // 4 :] = 0
             diffs.append(onnx_max_abs_diff(output, model, audio, mask))
         typer.echo(f"max |logit difference| onnxruntime vs PyTorch: {max(diffs):.3g}")
+    for spec in check_data or []:
+        utterances, _ = load_corpus(resolve_corpus(spec))
+        name = Path(spec.replace("toy:", "toy-").replace("embedded:", "embedded-")).name
+        found = check_onnx_on_corpus(output, model_dir, utterances, name)
+        typer.echo(
+            f"{name}: WER PyTorch {100 * found['torch']['wer']:.2f}%, onnxruntime "
+            f"{100 * found['onnx']['wer']:.2f}% (CER {100 * found['torch']['cer']:.2f}% / "
+            f"{100 * found['onnx']['cer']:.2f}%); identical hypotheses "
+            f"{found['same_hypotheses']}/{found['utterances']}; max |logit difference| on "
+            f"its audio {found['max_abs_diff']:.3g}"
+        )
 
 
 @app.command()

@@ -619,6 +619,7 @@ def export_onnx(
     # The exporter's own notices (optional torchvision ops, deprecations inside torch) are
     # nothing a user can act on.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
@@ -688,3 +689,96 @@ def onnx_max_abs_diff(
             f"{list(torch_logits.shape)}"
         )
     return float(np.abs(onnx_logits - torch_logits).max())
+
+
+class OnnxCTCModel(torch.nn.Module):
+    """An exported ONNX file behind the PyTorch model interface that decoding uses.
+
+    `model(input_values, attention_mask=...)` runs onnxruntime on CPU and returns an object
+    with `.logits` (a tensor), so `pinchgate.evaluate.evaluate_corpus` scores the ONNX model
+    exactly as it scores the PyTorch one. `config` is the exported model's config, for the
+    CNN's output lengths.
+    """
+
+    def __init__(self, onnx_path: str | Path, config):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise PinchgateError(
+                "running ONNX models needs onnxruntime: pip install 'pinchgate[onnx]'"
+            ) from None
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.config = config
+        # No weights of its own: this only tells callers which device inputs go to.
+        self.device_anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def _get_feat_extract_output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for kernel, stride in zip(self.config.conv_kernel, self.config.conv_stride, strict=True):
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        if getattr(self.config, "add_adapter", False):  # as transformers counts its adapter
+            for _ in range(self.config.num_adapter_layers):
+                lengths = torch.div(lengths - 1, self.config.adapter_stride, rounding_mode="floor")
+                lengths = lengths + 1
+        return lengths
+
+    def forward(self, input_values, attention_mask=None):
+        from types import SimpleNamespace
+
+        feeds = {"input_values": input_values.detach().cpu().float().numpy()}
+        if "attention_mask" in self.input_names:
+            if attention_mask is None:
+                attention_mask = torch.ones(input_values.shape, dtype=torch.long)
+            feeds["attention_mask"] = attention_mask.detach().cpu().long().numpy()
+        (logits,) = self.session.run(["logits"], feeds)
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+def check_onnx_on_corpus(
+    onnx_path: str | Path,
+    source: str | Path,
+    utterances: list,
+    name: str,
+    batch_seconds: float = 200.0,
+) -> dict:
+    """Decode `utterances` with the ONNX file and with the PyTorch model it came from.
+
+    Returns {"torch": scores, "onnx": scores, "same_hypotheses": n, "utterances": n,
+    "max_abs_diff": float}, scores as `pinchgate.evaluate.score` gives them plus
+    decode_seconds; the logit difference is over the first 8 utterances as one padded batch
+    (so attention masks are exercised).
+    """
+    from pinchgate.data.audio import load_audio
+    from pinchgate.data.vocab import load_tokenizer
+    from pinchgate.evaluate import score, transcribe
+    from pinchgate.models import feature_extractor_for
+
+    source = Path(source)
+    model_dir = source if is_packed(source) else resolve_model_dir(source)
+    model = load_any(source)
+    onnx_model = OnnxCTCModel(onnx_path, model.config)
+    tokenizer = load_tokenizer(model_dir)
+    extractor = feature_extractor_for(model.config, model_dir)
+    references = [u.transcript for u in utterances]
+    out: dict = {"utterances": len(utterances)}
+    hypotheses = {}
+    for label, candidate in (("torch", model), ("onnx", onnx_model)):
+        hypotheses[label], seconds = transcribe(
+            candidate, extractor, tokenizer, utterances, batch_seconds
+        )
+        out[label] = {**score(references, hypotheses[label]), "decode_seconds": seconds}
+    pairs = zip(hypotheses["torch"], hypotheses["onnx"], strict=True)
+    out["same_hypotheses"] = sum(a == b for a, b in pairs)
+    audio = [load_audio(u.audio_path, extractor.sampling_rate) for u in utterances[:8]]
+    features = extractor(
+        audio, sampling_rate=extractor.sampling_rate, padding=True, return_tensors="pt"
+    )
+    out["max_abs_diff"] = onnx_max_abs_diff(
+        onnx_path, model, features["input_values"], features.get("attention_mask")
+    )
+    return out
