@@ -113,6 +113,8 @@ def test_dense_reference_and_significance_in_the_report(toy_corpus, tmp_path):
         (["--target-ratio", "10"], "highest reachable ratio"),
         (["--target-sparsity", "1.2"], "--target-sparsity 1.2: must be in [0, 1)"),
         (["--target-ratio", "2", "--target-sparsity", "0.5"], "exactly one of --target-ratio"),
+        (["--sparsity-control", "pid"], "--sparsity-control 'pid': must be lagrangian or penalty"),
+        (["--penalty-weight", "-1"], "--penalty-weight -1.0: must be > 0"),
     ],
 )
 def test_bad_targets_are_one_line_before_training(toy_corpus, tmp_path, args, message):

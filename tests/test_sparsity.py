@@ -106,6 +106,30 @@ def test_controller_state_dict_round_trip():
     assert other.lambda1.item() == -1.5 and other.lambda2.item() == 3.0
 
 
+def test_penalty_control_keeps_a_fixed_quadratic_weight():
+    controller = SparsityController(
+        0.8, 10, ramp_fraction=0.0, control="penalty", penalty_weight=5.0
+    )
+    optimizer = torch.optim.AdamW([controller.param_group()])
+    soft_kept = torch.tensor(0.5, requires_grad=True)
+    for _ in range(3):
+        term = controller.loss(soft_kept, step=5)
+        optimizer.zero_grad()
+        term.backward()
+        optimizer.step()
+    assert controller.lambda1.item() == 0.0 and controller.lambda2.item() == 5.0
+    soft_kept.grad = None
+    term = controller.loss(soft_kept, step=5)
+    gap = 0.5 - 0.8
+    assert term.item() == pytest.approx(5.0 * gap**2)
+    term.backward()
+    assert soft_kept.grad.item() == pytest.approx(-2 * 5.0 * gap)  # > 0: pushes kept down
+    with pytest.raises(ValueError, match="control"):
+        SparsityController(0.5, 10, control="pid")
+    with pytest.raises(ValueError, match="penalty weight"):
+        SparsityController(0.5, 10, control="penalty", penalty_weight=0.0)
+
+
 # --- end to end on a toy ----------------------------------------------------------------------
 
 

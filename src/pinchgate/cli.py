@@ -166,6 +166,13 @@ def compress(
         float | None, Opt(help="Thresholds' learning rate (default 3 / ramp steps).")
     ] = None,
     multiplier_lr: Annotated[float | None, Opt(help="Lagrange multipliers' rate.")] = None,
+    sparsity_control: Annotated[
+        str | None,
+        Opt(help="lagrangian (default) or penalty: a fixed quadratic term (ablation)."),
+    ] = None,
+    penalty_weight: Annotated[
+        float | None, Opt(help="Weight of the quadratic term of --sparsity-control penalty.")
+    ] = None,
     ramp_fraction: Annotated[float | None, Opt(help="Share of steps the target ramps.")] = None,
     frozen_fraction: Annotated[
         float | None, Opt(help="Final share of steps with the exact mask frozen.")

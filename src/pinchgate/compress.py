@@ -22,6 +22,7 @@ from pinchgate.errors import PinchgateError
 from pinchgate.gates import GateConfig, GatedModel, attach_gates, gates_of, tau_anneal_factor
 from pinchgate.models import count_parameters
 from pinchgate.sparsity import (
+    CONTROLS,
     SparsityController,
     compression_ratio_for_gated_sparsity,
     gated_sparsity_for_ratio,
@@ -46,6 +47,8 @@ class CompressConfig(FinetuneConfig):
     threshold_init_rel: float = 0.3  # t_l starts at this x RMS(W_l)
     threshold_lr: float | None = None  # default 3 / ramp steps (thresholds in RMS units)
     multiplier_lr: float = 0.05
+    sparsity_control: str = "lagrangian"  # or penalty: fixed quadratic term (ablation)
+    penalty_weight: float = 10.0  # its weight, for sparsity_control = penalty
     ramp_fraction: float = 0.3  # target sparsity ramps from 0 over this part of training
     frozen_fraction: float = 0.1  # final stretch with the exact hard mask frozen
     include_pos_conv: bool = False
@@ -101,7 +104,17 @@ class CompressConfig(FinetuneConfig):
             raise PinchgateError(f"--target-sparsity {self.target_sparsity}: must be in [0, 1)")
         if self.tying not in ("matrix", "block", "global"):
             raise PinchgateError(f"--tying {self.tying!r}: must be matrix, block or global")
-        for name in ("tau_rel", "tau_final", "threshold_init_rel", "multiplier_lr"):
+        if self.sparsity_control not in CONTROLS:
+            raise PinchgateError(
+                f"--sparsity-control {self.sparsity_control!r}: must be {' or '.join(CONTROLS)}"
+            )
+        for name in (
+            "tau_rel",
+            "tau_final",
+            "threshold_init_rel",
+            "multiplier_lr",
+            "penalty_weight",
+        ):
             if not getattr(self, name) > 0:
                 raise PinchgateError(
                     f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0"
@@ -161,7 +174,12 @@ class GateMethod:
         except ValueError as exc:
             raise PinchgateError(f"--target-ratio {self.cfg.target_ratio}: {exc}") from None
         self.controller = SparsityController(
-            self.target_sparsity, self.cfg.max_steps, self.cfg.ramp_fraction, self.cfg.multiplier_lr
+            self.target_sparsity,
+            self.cfg.max_steps,
+            self.cfg.ramp_fraction,
+            self.cfg.multiplier_lr,
+            self.cfg.sparsity_control,
+            self.cfg.penalty_weight,
         ).to(next(model.parameters()).device)
         ratio = compression_ratio_for_gated_sparsity(self.target_sparsity, self.total_params, gated)
         _say(

@@ -76,8 +76,15 @@ def compression_ratio_for_gated_sparsity(
     return total_params / (total_params - gated_sparsity * gated_params)
 
 
+CONTROLS = ("lagrangian", "penalty")
+
+
 class SparsityController(nn.Module):
     """Lagrangian sparsity term with multipliers trained by gradient ascent.
+
+    ``control="penalty"`` is the plain quadratic penalty instead, for ablations:
+    ``penalty_weight * gap**2`` with a fixed weight (lambda1 = 0, lambda2 = the weight,
+    neither trained), the term a Lagrangian reduces to when its multipliers stand still.
 
     Usage::
 
@@ -93,8 +100,14 @@ class SparsityController(nn.Module):
         total_steps: int,
         ramp_fraction: float = 0.3,
         lr: float = 0.05,
+        control: str = "lagrangian",
+        penalty_weight: float = 10.0,
     ) -> None:
         super().__init__()
+        if control not in CONTROLS:
+            raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+        if control == "penalty" and not penalty_weight > 0:
+            raise ValueError(f"penalty weight must be > 0, got {penalty_weight}")
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
         if total_steps <= 0:
@@ -107,8 +120,11 @@ class SparsityController(nn.Module):
         self.total_steps = int(total_steps)
         self.ramp_fraction = float(ramp_fraction)
         self.lr = float(lr)
-        self.lambda1 = nn.Parameter(torch.zeros(()))
-        self.lambda2 = nn.Parameter(torch.zeros(()))
+        self.control = control
+        trained = control == "lagrangian"
+        self.lambda1 = nn.Parameter(torch.zeros(()), requires_grad=trained)
+        start = 0.0 if trained else float(penalty_weight)
+        self.lambda2 = nn.Parameter(torch.tensor(start), requires_grad=trained)
 
     @property
     def ramp_steps(self) -> int:
@@ -146,5 +162,5 @@ class SparsityController(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"target_sparsity={self.target_sparsity}, total_steps={self.total_steps}, "
-            f"ramp_fraction={self.ramp_fraction}, lr={self.lr}"
+            f"ramp_fraction={self.ramp_fraction}, lr={self.lr}, control={self.control}"
         )

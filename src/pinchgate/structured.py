@@ -823,7 +823,12 @@ class StructuredGateMethod(GateMethod):
         else:
             self.target_sparsity = float(cfg.target_sparsity)
         self.controller = SparsityController(
-            self.target_sparsity, cfg.max_steps, cfg.ramp_fraction, cfg.multiplier_lr
+            self.target_sparsity,
+            cfg.max_steps,
+            cfg.ramp_fraction,
+            cfg.multiplier_lr,
+            cfg.sparsity_control,
+            cfg.penalty_weight,
         ).to(next(model.parameters()).device)
         ratio = compression_ratio_for_gated_sparsity(
             self.target_sparsity, self.total_params, grouped
