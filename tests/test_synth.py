@@ -264,6 +264,27 @@ def test_same_seed_gives_identical_transcripts_and_audio(tmp_path):
     assert a != c
 
 
+@needs("espeak-ng")
+def test_only_builds_the_named_splits_with_the_texts_a_full_build_deals(tmp_path):
+    full = build_corpus(
+        tmp_path / "a", seed=2, sizes={"train": 3, "dev": 2}, engines=["espeak-ng"], workers=1
+    )
+    # A bigger train split asked for, but only dev built: dev is the full build's dev.
+    part = build_corpus(
+        tmp_path / "b",
+        seed=2,
+        sizes={"train": 9, "dev": 2},
+        engines=["espeak-ng"],
+        workers=1,
+        only=["dev"],
+    )
+    assert not (tmp_path / "b" / "train").exists()
+    assert list(part.splits) == ["dev"] and part.splits["dev"] == full.splits["dev"]
+    assert tree_digest(tmp_path / "b" / "dev") == tree_digest(tmp_path / "a" / "dev")
+    with pytest.raises(ValueError, match="only \\['valid'\\]"):
+        build_corpus(tmp_path / "c", sizes={"dev": 1}, only=["valid"])
+
+
 @needs("piper")
 def test_piper_is_reproducible_too(tmp_path):
     sizes = {"train": 2}

@@ -324,6 +324,13 @@ def data_synth(
     ] = None,
     workers: Annotated[int, Opt(help="Synthesis processes.")] = 2,
     overwrite: Annotated[bool, Opt(help="Replace a corpus already there.")] = False,
+    only: Annotated[
+        list[str] | None,
+        Opt(
+            help="Synthesise only this split (repeatable); texts are dealt as for all "
+            "sizes, so the others' sentences stay out of it."
+        ),
+    ] = None,
 ) -> None:
     """Synthesise the offline English speech corpus with text-to-speech engines.
 
@@ -343,7 +350,7 @@ def data_synth(
                 )
             sizes[split] = int(count)
     try:
-        summary = build_corpus(output, seed, sizes, engine, workers, overwrite)
+        summary = build_corpus(output, seed, sizes, engine, workers, overwrite, only)
     except (RuntimeError, ValueError, FileExistsError) as exc:
         raise PinchgateError(str(exc)) from None
     for name, split in summary.to_json()["splits"].items():

@@ -630,10 +630,14 @@ def build_corpus(
     engines: list[str] | None = None,
     workers: int = 2,
     overwrite: bool = False,
+    only: Sequence[str] | None = None,
 ) -> CorpusSummary:
     """Synthesise a LibriSpeech-layout corpus into `out_dir` and return its summary.
 
     `sizes` maps split name to utterance count; splits not named get none (None: DEFAULT_SIZES).
+    `only` synthesises just these splits, with the texts the full `sizes` deal them: a
+    bigger `pretrain` whose sentences stay disjoint from an existing build's evaluation
+    splits, without synthesising those again.
     `engines` restricts the engines (None: every installed one); missing ones are skipped with
     an EngineMissingWarning, and RuntimeError is raised when none is installed.
     workers > 1 spawns processes, so a script calling this needs `if __name__ == "__main__":`.
@@ -646,8 +650,13 @@ def build_corpus(
         raise ValueError(f"bad sizes {bad}: keys must be in {SPLITS}, values ints >= 0")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    unknown = sorted(set(only or ()) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"only {unknown}: splits are {', '.join(SPLITS)}")
     voices = resolve_voices(engines)
     tasks = plan_corpus(out_dir, voices, load_sentences(), sizes, seed)
+    if only is not None:
+        tasks = [task for task in tasks if task.split in only]
     _prepare_out_dir(out_dir, overwrite)
     # Longest first, so no worker is left with a slow piper chapter at the end.
     tasks.sort(key=lambda t: -_ENGINE_COST[t.voice.engine] * sum(len(u.text) for u in t.utterances))
@@ -659,7 +668,7 @@ def build_corpus(
         if done % 20 == 0 or done == len(tasks):
             logger.info("synth: %d/%d chapters done", done, len(tasks))
     split_summaries = {}
-    for split in SPLITS:
+    for split in SPLITS if only is None else [s for s in SPLITS if s in only]:
         speakers = sorted(spk for (s, spk) in counts if s == split)
         split_summaries[split] = SplitSummary(
             utterances=sum(counts[split, spk] for spk in speakers),
