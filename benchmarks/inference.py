@@ -91,6 +91,27 @@ def sparsify_linears(model, min_zeros: float = SPARSE_MIN_ZEROS) -> tuple[int, i
     return swapped, len(linears)
 
 
+def forward_flops(model, seconds: float, mask: bool) -> int:
+    """FLOPs of one forward on 1 x `seconds` of audio (torch.utils.flop_counter: matrix
+    products, convolutions and attention, 2 per multiply-add), as dense kernels do them:
+    exact zeros in a weight still count, removed neurons and heads do not."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    # The counter knows the CUDA attention kernels, not the CPU one transformers calls here.
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    x = torch.from_numpy(synthetic_audio(1, seconds, seed=2))
+    attention_mask = torch.ones(x.shape, dtype=torch.long) if mask else None
+    # no_grad, not inference_mode: the counter's module tracker hooks need autograd nodes.
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        with torch.no_grad():
+            model(x, attention_mask=attention_mask)
+    return int(counter.get_total_flops())
+
+
 # --- one measurement, in its own process -----------------------------------------------
 
 
@@ -213,7 +234,9 @@ def prepare(name: str, path: str, args: argparse.Namespace, tmp: Path) -> list[d
     mask = bool(feature_extractor_for(model.config, model_dir).return_attention_mask)
     params = count_parameters(model)["total"]
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    flops = forward_flops(model, args.seconds, mask)
     common = {"name": name, "path": str(path), "params": params, "nonzero": nonzero}
+    common["gflop_per_s"] = flops / 1e9 / args.seconds
     rows = [
         {
             **common,
@@ -279,7 +302,7 @@ def _ratio(value: str, reference: float, this: float) -> str:
 
 def table(rows: list[dict], batches: list[int]) -> list[str]:
     dense = rows[0]
-    head = ["model", "runtime", "params", "nonzero", "weights MiB", "load s"]
+    head = ["model", "runtime", "params", "nonzero", "GFLOP/audio s", "weights MiB", "load s"]
     head += [f"RTF b{b}" for b in batches] + [f"peak RSS b{b} MiB" for b in batches]
     head += ["max abs diff"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -289,6 +312,7 @@ def table(rows: list[dict], batches: list[int]) -> list[str]:
             row["runtime"],
             _ratio(_count(row["params"]), dense["params"], row["params"]),
             _ratio(_count(row["nonzero"]), dense["nonzero"], row["nonzero"]),
+            _ratio(f"{row['gflop_per_s']:.3g}", dense["gflop_per_s"], row["gflop_per_s"]),
             _ratio(
                 f"{row['weight_bytes'] / 2**20:.2f}", dense["weight_bytes"], row["weight_bytes"]
             ),
@@ -315,7 +339,9 @@ def footer(rows: list[dict], batches: list[int]) -> list[str]:
         "RSS: the measuring process's maximum resident memory, including its runtime "
         "(torch + transformers, or onnxruntime alone). load s: load_any (plus the CSR "
         "conversion for sparse) or the onnxruntime session. weights MiB: weight files on "
-        "disk (the .onnx file for onnx). max abs diff: largest |logit difference| against "
+        "disk (the .onnx file for onnx). GFLOP/audio s: FLOPs of a forward on one clip "
+        "(torch.utils.flop_counter, 2 per multiply-add) per second of audio, as dense "
+        "kernels do them. max abs diff: largest |logit difference| against "
         f"the same model's dense-kernel PyTorch forward on {CHECK_SHAPE[0]} x "
         f"{CHECK_SHAPE[1] / SAMPLE_RATE:g} s of noise (tolerance {PARITY_TOLERANCE:g}).",
     ]
@@ -328,9 +354,15 @@ def footer(rows: list[dict], batches: list[int]) -> list[str]:
         if row["runtime"] == "torch" and row is not dense:
             if row["params"] < 0.95 * dense["params"]:  # shrunk: fewer FLOPs, not just zeros
                 verdict = _verdict(speedups, batches)
+                fewer = dense["gflop_per_s"] / row["gflop_per_s"]
+                shares = " / ".join(
+                    f"{(s - 1) / (fewer - 1):.2f}" if fewer > 1.01 else "n/a" for s in speedups
+                )
                 notes.append(
                     f"{label}: {100 * row['params'] / dense['params']:.0f}% of the dense "
-                    f"parameters, runs at {at}: {verdict} from shrinking."
+                    f"parameters and {fewer:.2f}x fewer FLOPs, runs at {at}: {verdict} from "
+                    f"shrinking; {shares} of the time the FLOP reduction would save is saved "
+                    "(speed-up - 1) / (FLOP reduction - 1), 1 = all of it."
                 )
             elif zeros < 0.1:
                 pass  # a dense model: nothing to say about sparsity
