@@ -3,6 +3,7 @@
     python benchmarks/inference.py --model dense=PATH --model pruned=RUN_DIR [--model ...]
         [--seconds 10] [--batch 8] [--rounds 3] [--threads N] [--sparse] [--onnx]
         [--quick] [--json OUT]
+    python benchmarks/inference.py --from-json OUT    # the table of a stored run again
 
 Each `--model NAME=PATH` is a Hugging Face directory, a run directory (its `model/`), a
 packed directory or a shrunk one, loaded with `pinchgate.export.load_any`; the first is the
@@ -353,16 +354,9 @@ def footer(rows: list[dict], batches: list[int]) -> list[str]:
         label = f"{row['name']} ({row['runtime']})"
         if row["runtime"] == "torch" and row is not dense:
             if row["params"] < 0.95 * dense["params"]:  # shrunk: fewer FLOPs, not just zeros
-                verdict = _verdict(speedups, batches)
-                fewer = dense["gflop_per_s"] / row["gflop_per_s"]
-                shares = " / ".join(
-                    f"{(s - 1) / (fewer - 1):.2f}" if fewer > 1.01 else "n/a" for s in speedups
-                )
                 notes.append(
                     f"{label}: {100 * row['params'] / dense['params']:.0f}% of the dense "
-                    f"parameters and {fewer:.2f}x fewer FLOPs, runs at {at}: {verdict} from "
-                    f"shrinking; {shares} of the time the FLOP reduction would save is saved "
-                    "(speed-up - 1) / (FLOP reduction - 1), 1 = all of it."
+                    f"parameters, runs at {at}: {_verdict(speedups, batches)} from shrinking."
                 )
             elif zeros < 0.1:
                 pass  # a dense model: nothing to say about sparsity
@@ -378,6 +372,8 @@ def footer(rows: list[dict], batches: list[int]) -> list[str]:
                     "gain from sparsity (rerun with more --rounds): unstructured sparsity "
                     "gives no speed-up with dense kernels."
                 )
+        if row["params"] < 0.95 * dense["params"] and row["runtime"] in ("torch", "onnx"):
+            notes.append(flop_note(rows, row, batches))
         if row["runtime"] == "sparse":
             swapped, linears = row["sparse_linears"]
             notes.append(
@@ -394,6 +390,25 @@ def footer(rows: list[dict], batches: list[int]) -> list[str]:
         if diff is not None and diff > PARITY_TOLERANCE:
             notes.append(f"{label}: outputs differ by {diff:.2g} > {PARITY_TOLERANCE:g}.")
     return notes
+
+
+def flop_note(rows: list[dict], row: dict, batches: list[int]) -> str:
+    """Speed-up of a smaller model over the dense reference in the same runtime, as a share
+    of its FLOP reduction (1: time falls exactly as FLOPs do)."""
+    same = [r for r in rows if r["runtime"] == row["runtime"] and r["name"] == rows[0]["name"]]
+    if not same:
+        return f"{row['name']} ({row['runtime']}): no dense {row['runtime']} row to compare."
+    reference = same[0]
+    fewer = reference["gflop_per_s"] / row["gflop_per_s"]
+    speedups = [reference["rtf"][str(b)] / row["rtf"][str(b)] for b in batches]
+    shares = " / ".join(f"{s / fewer:.2f}" for s in speedups)
+    ups = " / ".join(f"{s:.2f}x" for s in speedups)
+    batch_names = " / ".join(f"b{b}" for b in batches)
+    return (
+        f"{row['name']} ({row['runtime']}): {fewer:.2f}x fewer FLOPs than "
+        f"{reference['name']} ({reference['runtime']}), {ups} faster ({batch_names}): "
+        f"speed-up / FLOP reduction = {shares}."
+    )
 
 
 def _verdict(speedups: list[float], batches: list[int]) -> str:
@@ -428,10 +443,22 @@ def main() -> None:
     parser.add_argument("--onnx", action="store_true", help="add onnxruntime variants")
     parser.add_argument("--quick", action="store_true", help="2 s clips, batch 2, one round")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="IN",
+        help="print the table of an earlier --json run again, measuring nothing",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
+        return
+    if args.from_json:
+        stored = json.loads(args.from_json.read_text())
+        print("\n".join(table(stored["rows"], stored["batches"])))
+        print("\n".join(footer(stored["rows"], stored["batches"])))
         return
     if not args.model:
         parser.error("give at least one --model NAME=PATH (the first is the dense reference)")
