@@ -404,6 +404,9 @@ def test_compress_structured_exports_both_models(toy_corpus, tmp_path):
     x = audio()
     assert (logits(small, x) - logits(masked, x)).abs().max() < 1e-5
     assert shrunk["eval"]["test"]["wer"] == pytest.approx(report["sets"]["test"]["wer"])
+    check = shrunk["logit_check"]  # measured by the run itself, on its real clips
+    assert check["utterances"] > 0 and 0 <= check["max_abs_diff"] < 1e-5
+    assert "max |logit difference| against the masked model" in (run / "report.md").read_text()
     for row in c["groups"]:
         assert set(row) == {"layer", "neurons", "neurons_kept", "heads", "heads_kept"}
     kept_by_groups = sum(

@@ -132,7 +132,14 @@ def render_markdown(report: dict) -> str:
         wer, cer = f"{100 * row['wer']:.2f}%", f"{100 * row['cer']:.2f}%"
         lines.append(f"| {name} | {wer} | {cer} | {dense} | {p} | {flag} |")
     if shrunk:
-        lines += ["", "Shrunken model, read back from disk:", ""]
+        check = shrunk.get("logit_check")
+        against = ""
+        if check and check.get("utterances"):
+            against = (
+                f" (max |logit difference| against the masked model on {check['utterances']} "
+                f"{check['set']} utterances: {check['max_abs_diff']:.3g})"
+            )
+        lines += ["", f"Shrunken model, read back from disk{against}:", ""]
         for name, row in shrunk["eval"].items():
             lines.append(f"- {name}: WER {100 * row['wer']:.2f}%, CER {100 * row['cer']:.2f}%")
     during = "; kept fraction and thresholds during training: `gates.jsonl`, `training.png`"

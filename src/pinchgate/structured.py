@@ -874,7 +874,12 @@ def export_shrunk_run(
     seconds = time.perf_counter() - started
     del shrunk
     exported = load_shrunk(path).to(next(hardened.parameters()).device)
-    say(f"shrunken model ({path}), as exported:")
+    difference = _max_logit_difference(hardened, exported, results, batch_seconds)
+    say(
+        f"shrunken model ({path}), as exported; max |logit difference| against the masked "
+        f"model on {difference['utterances']} {difference['set']} utterances: "
+        f"{difference['max_abs_diff']:.3g}"
+    )
     scores = evaluate_sets(
         exported,
         results["feature_extractor"],
@@ -889,7 +894,42 @@ def export_shrunk_run(
         "params": count_parameters(exported)["total"],
         "structure": getattr(exported.config, STRUCTURE_KEY),
         "shrink_seconds": seconds,
+        "logit_check": difference,
         "eval": scores,
+    }
+
+
+def _max_logit_difference(masked, shrunk, results: dict, batch_seconds: float) -> dict:
+    """Largest |logit| difference between the masked and the shrunken model on the run's
+    first evaluation set, in the batches evaluation uses (padding included)."""
+    from pinchgate.data.audio import load_audio
+    from pinchgate.data.batching import bucket_batches
+
+    data = results["data"]
+    sets = ([("dev", data.dev)] if data.dev else []) + list(data.tests.items())
+    if not sets:
+        return {"set": None, "utterances": 0, "max_abs_diff": float("nan")}
+    name, utterances = sets[0]
+    extractor = results["feature_extractor"]
+    device = next(masked.parameters()).device
+    worst, count = 0.0, 0
+    durations = [u.duration or 0.0 for u in utterances]
+    batches = bucket_batches(durations, batch_seconds, shuffle=False)
+    for batch in batches[:2]:  # enough to show it; the WERs cover the rest
+        audio = [load_audio(utterances[i].audio_path, extractor.sampling_rate) for i in batch]
+        features = extractor(
+            audio, sampling_rate=extractor.sampling_rate, padding=True, return_tensors="pt"
+        )
+        inputs = {k: v.to(device) for k, v in features.items()}
+        with torch.no_grad():
+            a = masked.eval()(**inputs).logits
+            b = shrunk.eval()(**inputs).logits
+        worst = max(worst, float((a - b).abs().max()))
+        count += len(batch)
+    return {
+        "set": Path(name.replace("toy:", "toy-")).name,
+        "utterances": count,
+        "max_abs_diff": worst,
     }
 
 
