@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 import runs
 from pinchgate.cli import app
-from pinchgate.compress import CompressConfig, run_compress
+from pinchgate.compress import CompressConfig, GateMethod, run_compress
 from pinchgate.errors import PinchgateError
+from pinchgate.sparsity import SparsityController
 
 
 def tiny_compress_config(toy_corpus: Path, out: Path, **changes) -> CompressConfig:
@@ -87,10 +88,29 @@ def test_controller_tracks_the_target_before_the_exact_fit(toy_corpus, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "run" / "gates.jsonl").read_text().splitlines()]
     before_fit = [r for r in rows if r["step"] == 115][0]  # after the ramp, before the freeze
     assert abs(before_fit["hard_sparsity"] - 0.6) < 0.05
-    assert any(
-        "frozen_at" in json.loads(x)
-        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    )
+    logged = [
+        row
+        for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if "frozen_at" in row
+    ]
+    assert len(logged) == 1 and logged[0]["frozen_at"] == 120
+    # The report gives the fit made at the freeze, not "none" because it happened earlier.
+    c = json.loads((tmp_path / "run" / "report.json").read_text())["compression"]
+    assert c["final_fit_factor"] == pytest.approx(logged[0]["fit_factor"])
+    assert c["sparsity_before_fit"] == pytest.approx(logged[0]["sparsity_before_fit"])
+    assert abs(c["sparsity_before_fit"] - 0.6) < 0.05
+    assert "before the exact fit" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_the_exact_fit_survives_a_resume(tmp_path):
+    cfg = CompressConfig(output_dir=str(tmp_path), target_sparsity=0.5)
+    method = GateMethod(cfg, tmp_path)
+    method.controller = SparsityController(0.5, 10)
+    method.fit = {"sparsity_before_fit": 0.47, "final_fit_factor": 1.03}
+    again = GateMethod(cfg, tmp_path)
+    again.controller = SparsityController(0.5, 10)
+    again.load_state(method.state())
+    assert again.fit == method.fit
 
 
 def test_dense_reference_and_significance_in_the_report(toy_corpus, tmp_path):

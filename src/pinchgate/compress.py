@@ -155,6 +155,9 @@ class GateMethod:
         self.target_sparsity = 0.0
         self.freeze_step = cfg.max_steps - round(cfg.frozen_fraction * cfg.max_steps)
         self.anneal_end = self.freeze_step
+        # The exact fit: the hard sparsity training reached on its own, and the common factor
+        # the fit moved every threshold by (kept in checkpoints for the report).
+        self.fit: dict = {"sparsity_before_fit": None, "final_fit_factor": None}
 
     # -- before the optimiser --------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> None:
@@ -208,9 +211,11 @@ class GateMethod:
             self.gates.set_tau_scale(tau_anneal_factor(step, 0, self.anneal_end, cfg.tau_final))
         logs = {}
         if step == self.freeze_step and not self.gates.frozen and step < cfg.max_steps:
+            before = 1.0 - self.gates.hard_kept_fraction()
             factor = self.gates.fit_thresholds(self.target_sparsity)
+            self.fit = {"sparsity_before_fit": before, "final_fit_factor": factor}
             kept, total = self.gates.freeze_masks()
-            logs = {"fit_factor": factor, "frozen_at": step}
+            logs = {"fit_factor": factor, "sparsity_before_fit": before, "frozen_at": step}
             _say(
                 f"step {step}: thresholds x{factor:.4f} -> hard sparsity {1 - kept / total:.4f}; "
                 "masks frozen"
@@ -239,19 +244,27 @@ class GateMethod:
 
     # -- checkpoint state --------------------------------------------------------------------
     def state(self) -> dict:
-        return {"controller": self.controller.state_dict()}  # tau and thresholds: in the model
+        # tau and thresholds are in the model
+        return {"controller": self.controller.state_dict(), "fit": dict(self.fit)}
 
     def load_state(self, state: dict) -> None:
         if "controller" in state:
             self.controller.load_state_dict(state["controller"])
+        self.fit.update(state.get("fit", {}))
+
+    def fit_now_or_recall(self, gates) -> float | None:
+        """At the end: the exact fit if no frozen stretch made it already, else its factor."""
+        if gates.frozen:
+            return self.fit["final_fit_factor"]
+        self.fit["sparsity_before_fit"] = 1.0 - gates.hard_kept_fraction()
+        self.fit["final_fit_factor"] = gates.fit_thresholds(self.target_sparsity)
+        return self.fit["final_fit_factor"]
 
     # -- at the end --------------------------------------------------------------------------
     def finalize(self, model: torch.nn.Module) -> dict:
         gates = gates_of(model)
         started = time.perf_counter()
-        factor = None
-        if not gates.frozen:  # no frozen stretch: the exact fit happens here
-            factor = gates.fit_thresholds(self.target_sparsity)
+        factor = self.fit_now_or_recall(gates)
         hardened = gates.harden()
         return self.summary(model, hardened, factor, started)
 
@@ -272,6 +285,7 @@ class GateMethod:
                 "target_sparsity": self.target_sparsity,
                 "target_ratio": self.cfg.target_ratio,
                 "final_fit_factor": factor,
+                "sparsity_before_fit": self.fit["sparsity_before_fit"],
                 "harden_seconds": time.perf_counter() - started,
             },
             "layers": [vars(layer) for layer in hardened.layers],

@@ -97,6 +97,13 @@ def render_markdown(report: dict) -> str:
         f"| parameter reduction | {100 * c['parameter_reduction']:.2f}% |",
         f"| gated sparsity (target) | {c['gated_sparsity']:.4f} ({c['target_sparsity']:.4f}) |",
         f"| gated parameters | {c['gated_params']:,} |",
+    ]
+    if c.get("sparsity_before_fit") is not None:
+        lines.append(
+            f"| gated sparsity training reached alone, before the exact fit (threshold factor) "
+            f"| {c['sparsity_before_fit']:.4f} (x{c['final_fit_factor']:.4f}) |"
+        )
+    lines += [
         f"| compression time ({'all passes' if t.get('passes') else 'training + hardening'}) "
         f"| {t['compression_seconds']:.1f} s |",
     ]

@@ -844,9 +844,7 @@ class StructuredGateMethod(GateMethod):
     def finalize(self, model: nn.Module) -> dict:
         gates = structured_gates_of(model)
         started = time.perf_counter()
-        factor = None
-        if not gates.frozen:  # no frozen stretch: the exact fit happens here
-            factor = gates.fit_thresholds(self.target_sparsity)
+        factor = self.fit_now_or_recall(gates)
         structure = gates.structure()
         hardened = gates.harden()
         result = self.summary(model, hardened, factor, started)
