@@ -16,12 +16,14 @@ tau fixed, Lagrangian controller):
 A variant whose `report.json` exists is not run again (a killed run resumes: the command is
 the same). Then prints one markdown table: the hard gated sparsity the training reached on
 its own (last log step before the exact fit), the factor the fit moved every threshold by,
-the ratio landed, WER and MAPSSWE p against the dense reference per set, compression time.
+the ratio landed, the lowest and highest sparsity of a gated matrix, WER and MAPSSWE p
+against the dense reference per set, compression time.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -75,6 +77,13 @@ def before_fit(run: Path, report: dict) -> tuple[str, float]:
     return f"{last['hard_sparsity']:.4f} (step {last['step']})", factor
 
 
+def spread(run: Path) -> str:
+    """Lowest and highest sparsity of a gated matrix (layers.csv)."""
+    with open(run / "layers.csv", newline="") as handle:
+        values = [float(r["sparsity"]) for r in csv.DictReader(handle)]
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def row(name: str, run: Path) -> str:
     report = json.loads((run / "report.json").read_text())
     c = report["compression"]
@@ -85,6 +94,7 @@ def row(name: str, run: Path) -> str:
         f"{c['target_sparsity']:.4f}",
         f"x{factor:.4f}",
         f"{c['compression_ratio']:.3f}x",
+        spread(run),
     ]
     for key in sorted(report["sets"], key=lambda k: ("dev" not in k, "unseen" in k, k)):
         one = report["sets"][key]
@@ -125,6 +135,7 @@ def main() -> None:
     first = json.loads((next(iter(runs.values())) / "report.json").read_text())
     sets = sorted(first["sets"], key=lambda k: ("dev" not in k, "unseen" in k, k))
     head = ["variant", "hard sparsity before fit", "target", "fit factor", "ratio"]
+    head.append("per-matrix sparsity")
     for key in sets:
         dense = first["sets"][key].get("dense_wer")
         name = Path(key.replace("embedded:", "")).name
