@@ -1,19 +1,24 @@
 """Compare the gates with the baselines at several compression ratios, on equal terms.
 
     python benchmarks/compare.py [--out runs/compare] [--ratios 2 2.86 4.26 6]
-                                 [--methods gates ump gmp-global gmp parp str] [--seeds 0]
+                                 [--methods gates ump gmp-global gmp parp str structured]
+                                 [--seeds 0]
                                  [--config recipe.yaml] [--quick]
 
 Every method starts from the same model and corpus (the embedded default unless --config
 names a `pinchgate compress` YAML), with the same step budget per pass, the same seed and
 the same gated weights. One dense fine-tuning run per seed is the reference accuracy and the
 first pass of the two-pass methods (ump, gmp-global, parp): it is trained once and its
-training time is counted in each of their totals. Writes to --out:
+training time is counted in each of their totals. `structured` is the gates with
+`--granularity structured`, scored (WER and speed) as the shrunken model it exports.
+Writes to --out:
 
     compare.json   every run's ratio, parameters, WER per test set, MAPSSWE p against dense
-                   and against the gates, total compression time (all passes)
+                   and against the gates, decoding real-time factor of the exported model
+                   per set (from the run's own evaluation), total compression time
     compare.md     the table (mean and spread over seeds when there are several)
-    compare.png    WER on the first test set against parameters kept, one line per method
+    compare.png    WER on the first test set against parameters kept and against the
+                   real-time factor, one line per method
 
 Finished runs are not redone: rerunning the command (after a kill, or with more ratios,
 methods or seeds) only runs what is missing. `--quick` is the tiny built-in toy case, two
@@ -31,7 +36,9 @@ import time
 from pathlib import Path
 
 DEFAULT_RATIOS = (2.0, 2.86, 4.26, 6.0)
-METHODS = ("gates", "ump", "gmp-global", "gmp", "parp", "str")
+METHODS = ("gates", "ump", "gmp-global", "gmp", "parp", "str", "structured")
+# `structured` is the gates with --granularity structured (FFN neurons and heads removed);
+# its accuracy and real-time factor are those of the shrunken model it exports.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +114,9 @@ def run_one(base, run_dir: Path, seed: int, method: str, target_ratio, dense_dir
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         values = dataclasses.asdict(base)
-        values.update(output_dir=str(run_dir), seed=seed, method=method)
+        values.update(output_dir=str(run_dir), seed=seed, method=method, granularity="weight")
+        if method == "structured":
+            values.update(method="gates", granularity="structured")
         values.update(target_ratio=target_ratio, target_sparsity=None)
         values["dense_reference"] = str(dense_dir) if dense_dir is not None else None
         cfg = CompressConfig(**values)
@@ -118,6 +127,14 @@ def run_one(base, run_dir: Path, seed: int, method: str, target_ratio, dense_dir
         print(f"{run_dir}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     report = json.loads(report_path.read_text())
     compression = report["compression"]
+    # The real-time factor of decoding each set with the model as exported (the shrunken one
+    # for structured runs), measured by the run's own evaluation.
+    exported = (compression.get("shrunk") or {}).get("eval")
+    if exported is None:
+        results_path = run_dir / "results.json"
+        exported = (
+            json.loads(results_path.read_text()).get("eval", {}) if results_path.is_file() else {}
+        )
     return {
         "seed": seed,
         "method": method,
@@ -133,6 +150,7 @@ def run_one(base, run_dir: Path, seed: int, method: str, target_ratio, dense_dir
                 "wer": s["wer"],
                 "p_vs_dense": (s.get("significance") or {}).get("p_value"),
                 "better_than_dense": _better(s.get("significance")),
+                "rtf": (exported.get(name) or {}).get("rtf"),
             }
             for name, s in report["sets"].items()
         },
@@ -176,7 +194,8 @@ def render_table(rows: list[dict]) -> str:
     sets = list(rows[0]["sets"]) if rows else []
     header = ["method", "target", "ratio", "kept params"]
     header += [f"WER {s}" for s in sets] + [f"p vs dense ({s})" for s in sets[:1]]
-    header += [f"p vs gates ({s})" for s in sets[:1]] + ["time s", "time / gates"]
+    header += [f"p vs gates ({s})" for s in sets[:1]] + [f"RTF ({s})" for s in sets[:1]]
+    header += ["time s", "time / gates"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -191,6 +210,9 @@ def render_table(rows: list[dict]) -> str:
             for s in sets[:1]:
                 values = [r["sets"][s][key] for r in group if r["sets"][s].get(key) is not None]
                 cells.append(_stat(values, "{:.3f}") if values else "")
+        for s in sets[:1]:
+            values = [r["sets"][s]["rtf"] for r in group if r["sets"][s].get("rtf") is not None]
+            cells.append(_stat(values, "{:.4f}") if values else "")
         cells.append(_stat([r["seconds"] for r in group], "{:.0f}"))
         ratios = [r["time_vs_gates"] for r in group if r.get("time_vs_gates") is not None]
         cells.append(_stat(ratios, "{:.2f}") if ratios and method != "gates" else "")
@@ -212,6 +234,7 @@ def _stat(values: list[float], fmt: str) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """WER against parameters kept (left) and against decoding real-time factor (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,12 +242,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     if not rows:
         return
-    first = list(rows[0]["sets"])[0]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(rows[0]["sets"])
+    first = next((n for n in names if Path(n.split(":")[-1]).name != "dev"), names[0])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     dense = [r for r in rows if r["method"] == "dense"]
     if dense:
         wer = statistics.mean(100 * r["sets"][first]["wer"] for r in dense)
-        ax.axhline(wer, color="grey", linestyle="--", label="dense")
+        for ax in (left, right):
+            ax.axhline(wer, color="grey", linestyle="--", label="dense")
+        rtfs = [r["sets"][first].get("rtf") for r in dense]
+        if all(x is not None for x in rtfs):
+            right.plot([statistics.mean(rtfs)], [wer], marker="s", color="grey")
     for method in METHODS:
         points: dict[float, list[dict]] = {}
         for r in rows:
@@ -238,12 +266,22 @@ def plot(rows: list[dict], path: Path) -> None:
             for _, g in ordered
         ]
         ys = [statistics.mean(100 * r["sets"][first]["wer"] for r in g) for _, g in ordered]
-        ax.plot(xs, ys, marker="o", label=method)
-    ax.set_xlabel("parameters kept (%)")
-    ax.set_ylabel(f"WER on {first} (%)")
-    ax.invert_xaxis()
-    ax.legend()
-    ax.grid(alpha=0.3)
+        (line,) = left.plot(xs, ys, marker="o", label=method)
+        speed = [
+            (statistics.mean(r["sets"][first]["rtf"] for r in g), y)
+            for (_, g), y in zip(ordered, ys, strict=True)
+            if all(r["sets"][first].get("rtf") is not None for r in g)
+        ]
+        if speed:
+            right.plot(*zip(*speed, strict=True), marker="o", color=line.get_color())
+    left.set_xlabel("parameters kept (%)")
+    left.invert_xaxis()
+    right.set_xlabel("decoding real-time factor (lower is faster)")
+    right.invert_xaxis()
+    for ax in (left, right):
+        ax.set_ylabel(f"WER on {first} (%)")
+        ax.grid(alpha=0.3)
+    left.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
