@@ -176,14 +176,7 @@ class GateMethod:
                 self.target_sparsity = float(self.cfg.target_sparsity)
         except ValueError as exc:
             raise PinchgateError(f"--target-ratio {self.cfg.target_ratio}: {exc}") from None
-        self.controller = SparsityController(
-            self.target_sparsity,
-            self.cfg.max_steps,
-            self.cfg.ramp_fraction,
-            self.cfg.multiplier_lr,
-            self.cfg.sparsity_control,
-            self.cfg.penalty_weight,
-        ).to(next(model.parameters()).device)
+        self.controller = self.make_controller(next(model.parameters()).device)
         ratio = compression_ratio_for_gated_sparsity(self.target_sparsity, self.total_params, gated)
         _say(
             f"gates on {len(self.gates.layers)} layers ({gated:,} of {self.total_params:,} "
@@ -241,6 +234,18 @@ class GateMethod:
                     json.dumps({"step": step, **row, "thresholds": self.gates.thresholds()}) + "\n"
                 )
         return row
+
+    def make_controller(self, device: torch.device) -> SparsityController:
+        """The sparsity term for `target_sparsity`, with the run's schedule and control."""
+        cfg = self.cfg
+        return SparsityController(
+            self.target_sparsity,
+            cfg.max_steps,
+            cfg.ramp_fraction,
+            cfg.multiplier_lr,
+            cfg.sparsity_control,
+            cfg.penalty_weight,
+        ).to(device)
 
     # -- checkpoint state --------------------------------------------------------------------
     def state(self) -> dict:

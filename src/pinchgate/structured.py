@@ -63,7 +63,6 @@ from pinchgate.gates import (
 )
 from pinchgate.models import count_parameters
 from pinchgate.sparsity import (
-    SparsityController,
     compression_ratio_for_gated_sparsity,
     gated_sparsity_for_ratio,
     max_compression_ratio,
@@ -822,14 +821,7 @@ class StructuredGateMethod(GateMethod):
                 ) from None
         else:
             self.target_sparsity = float(cfg.target_sparsity)
-        self.controller = SparsityController(
-            self.target_sparsity,
-            cfg.max_steps,
-            cfg.ramp_fraction,
-            cfg.multiplier_lr,
-            cfg.sparsity_control,
-            cfg.penalty_weight,
-        ).to(next(model.parameters()).device)
+        self.controller = self.make_controller(next(model.parameters()).device)
         ratio = compression_ratio_for_gated_sparsity(
             self.target_sparsity, self.total_params, grouped
         )
