@@ -646,6 +646,19 @@ def _receptive_field(config) -> int:
     return field_
 
 
+def onnx_session(onnx_path: str | Path):
+    """An onnxruntime CPU session for the file, quiet unless something fails."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise PinchgateError(
+            "running ONNX models needs onnxruntime: pip install 'pinchgate[onnx]'"
+        ) from None
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
 def onnx_max_abs_diff(
     onnx_path: str | Path,
     model: torch.nn.Module | str | Path,
@@ -657,19 +670,9 @@ def onnx_max_abs_diff(
     Where the ONNX graph has no attention_mask input the mask is given to neither; where
     it has one and none is given, both get all ones (no padding).
     """
-    try:
-        import onnxruntime
-    except ImportError:
-        raise PinchgateError(
-            "the ONNX check needs onnxruntime: pip install 'pinchgate[onnx]'"
-        ) from None
+    session = onnx_session(onnx_path)
     if not isinstance(model, torch.nn.Module):
         model = load_any(model)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(
-        str(onnx_path), options, providers=["CPUExecutionProvider"]
-    )
     names = {i.name for i in session.get_inputs()}
     x = torch.as_tensor(np.asarray(input_values, dtype=np.float32))
     feeds = {"input_values": x.numpy()}
@@ -702,17 +705,7 @@ class OnnxCTCModel(torch.nn.Module):
 
     def __init__(self, onnx_path: str | Path, config):
         super().__init__()
-        try:
-            import onnxruntime
-        except ImportError:
-            raise PinchgateError(
-                "running ONNX models needs onnxruntime: pip install 'pinchgate[onnx]'"
-            ) from None
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = onnx_session(onnx_path)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.config = config
         # No weights of its own: this only tells callers which device inputs go to.
