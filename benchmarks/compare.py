@@ -3,7 +3,7 @@
     python benchmarks/compare.py [--out runs/compare] [--ratios 2 2.86 4.26 6]
                                  [--methods gates ump gmp-global gmp parp str structured]
                                  [--seeds 0]
-                                 [--config recipe.yaml] [--quick]
+                                 [--config recipe.yaml] [--quick] [--report-only]
 
 Every method starts from the same model and corpus (the embedded default unless --config
 names a `pinchgate compress` YAML), with the same step budget per pass, the same seed and
@@ -23,6 +23,8 @@ Writes to --out:
 Finished runs are not redone: rerunning the command (after a kill, or with more ratios,
 methods or seeds) only runs what is missing. `--quick` is the tiny built-in toy case, two
 ratios and a few dozen steps: the whole benchmark in a few minutes on 2 CPU cores.
+`--report-only` trains nothing: it tabulates the runs that have finished and lists the
+missing ones (in compare.md and compare.json), to read a long benchmark while it runs.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="compress YAML to start from")
     parser.add_argument("--max-steps", type=int, default=None, help="steps per pass")
     parser.add_argument("--quick", action="store_true", help="tiny toy setting, a few minutes")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate finished runs, list missing ones",
+    )
     args = parser.parse_args(argv)
 
     import transformers
@@ -73,33 +80,45 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
-    rows = []
+    rows, missing = [], []
     for seed in args.seeds:
         seed_dir = args.out / f"seed{seed}"
         dense_dir = seed_dir / "dense"
-        dense = run_one(base, dense_dir, seed=seed, method="dense", target_ratio=None)
-        rows.append(dense)
-        for ratio in ratios:
-            for method in args.methods:
-                try:
-                    row = run_one(
-                        base,
-                        seed_dir / f"{method}-{ratio:g}x",
-                        seed=seed,
-                        method=method,
-                        target_ratio=ratio,
-                        dense_dir=dense_dir,
-                    )
-                except PinchgateError as exc:
-                    print(f"{method} at {ratio:g}x: {exc}", file=sys.stderr)
-                    continue
-                rows.append(row)
+        runs = [(dense_dir, "dense", None)] + [
+            (seed_dir / f"{method}-{ratio:g}x", method, ratio)
+            for ratio in ratios
+            for method in args.methods
+        ]
+        for run_dir, method, ratio in runs:
+            if args.report_only and not (run_dir / "report.json").is_file():
+                missing.append(str(run_dir))
+                continue
+            try:
+                row = run_one(
+                    base,
+                    run_dir,
+                    seed=seed,
+                    method=method,
+                    target_ratio=ratio,
+                    dense_dir=None if method == "dense" else dense_dir,
+                )
+            except PinchgateError as exc:
+                if method == "dense":
+                    print(f"dense run: {exc}", file=sys.stderr)
+                    return 1
+                print(f"{method} at {ratio:g}x: {exc}", file=sys.stderr)
+                continue
+            rows.append(row)
     add_gate_comparisons(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"command": " ".join(["python benchmarks/compare.py", *(argv or sys.argv[1:])])}
     summary["rows"] = rows
+    summary["missing"] = missing
     (args.out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = render_table(rows)
+    if missing:
+        table += "\n\nnot finished yet: " + ", ".join(Path(m).name for m in missing)
+        print(f"{len(missing)} runs not finished yet", file=sys.stderr)
     (args.out / "compare.md").write_text(table + "\n")
     plot(rows, args.out / "compare.png")
     print(table)
@@ -179,7 +198,7 @@ def add_gate_comparisons(rows: list[dict]) -> None:
         ours = gates.get((row["seed"], row["target_ratio"]))
         row["time_vs_gates"] = row["seconds"] / ours["seconds"] if ours else None
         for name, entry in row["sets"].items():
-            entry["p_vs_gates"] = None
+            entry["p_vs_gates"] = entry["better_than_gates"] = None
             if ours is None or row is ours:
                 continue
             test = compare_with_reference(
@@ -187,14 +206,20 @@ def add_gate_comparisons(rows: list[dict]) -> None:
                 Path(ours["run_dir"]) / "eval" / f"{name}.jsonl",
             )
             entry["p_vs_gates"] = test["p_value"] if test else None
+            # "compressed" is this run (fewer errors than the gates), "dense" the gates.
+            better = _better(test)
+            entry["better_than_gates"] = {"compressed": "this", "dense": "gates"}.get(
+                better, better
+            )
 
 
 def render_table(rows: list[dict]) -> str:
     """One line per (method, target ratio), mean ± spread (sample std) over seeds."""
     sets = list(rows[0]["sets"]) if rows else []
+    main = [primary_set(sets)] if sets else []
     header = ["method", "target", "ratio", "kept params"]
-    header += [f"WER {s}" for s in sets] + [f"p vs dense ({s})" for s in sets[:1]]
-    header += [f"p vs gates ({s})" for s in sets[:1]] + [f"RTF ({s})" for s in sets[:1]]
+    header += [f"WER {s}" for s in sets] + [f"p vs dense ({s})" for s in main]
+    header += [f"p vs gates ({s})" for s in main] + [f"RTF ({s})" for s in main]
     header += ["time s", "time / gates"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple, list[dict]] = {}
@@ -206,18 +231,42 @@ def render_table(rows: list[dict]) -> str:
         cells = [method, f"{target:g}x", _stat([r["ratio"] for r in group], "{:.3f}x")]
         cells.append(_stat([r["kept_params"] for r in group], "{:,.0f}"))
         cells += [_stat([100 * r["sets"][s]["wer"] for r in group], "{:.2f}%") for s in sets]
-        for key in ("p_vs_dense", "p_vs_gates"):
-            for s in sets[:1]:
+        for key, ref in (("p_vs_dense", "dense"), ("p_vs_gates", "gates")):
+            for s in main:
                 values = [r["sets"][s][key] for r in group if r["sets"][s].get(key) is not None]
-                cells.append(_stat(values, "{:.3f}") if values else "")
-        for s in sets[:1]:
+                cell = _stat(values, "{:.3f}") if values else ""
+                if values and max(values) < 0.05:
+                    # Significant in every seed: say which way, from the mean WER.
+                    ours = statistics.mean(r["sets"][s]["wer"] for r in group)
+                    theirs = [
+                        r["sets"][s]["wer"]
+                        for r in rows
+                        if r["method"] == ref
+                        and (ref == "dense" or r["target_ratio"] == group[0]["target_ratio"])
+                    ]
+                    if theirs:
+                        cell += " lower" if ours < statistics.mean(theirs) else " higher"
+                cells.append(cell)
+        for s in main:
             values = [r["sets"][s]["rtf"] for r in group if r["sets"][s].get("rtf") is not None]
             cells.append(_stat(values, "{:.4f}") if values else "")
         cells.append(_stat([r["seconds"] for r in group], "{:.0f}"))
         ratios = [r["time_vs_gates"] for r in group if r.get("time_vs_gates") is not None]
         cells.append(_stat(ratios, "{:.2f}") if ratios and method != "gates" else "")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "p: MAPSSWE on the utterances of the set; 'lower' / 'higher' is this row's WER against"
+        " the reference, given where p < 0.05. Time counts every pass a method needs (the"
+        " dense pass included for two-pass methods). RTF: decoding seconds per audio second"
+        " of the exported model, from the run's own evaluation.",
+    ]
     return "\n".join(lines)
+
+
+def primary_set(names: list[str]) -> str:
+    """The set the table's p-values and the plot use: the first that is not a dev set."""
+    return next((n for n in names if not Path(n.split(":")[-1]).name.startswith("dev")), names[0])
 
 
 def _order(method: str) -> int:
@@ -243,7 +292,7 @@ def plot(rows: list[dict], path: Path) -> None:
     if not rows:
         return
     names = list(rows[0]["sets"])
-    first = next((n for n in names if Path(n.split(":")[-1]).name != "dev"), names[0])
+    first = primary_set(names)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     dense = [r for r in rows if r["method"] == "dense"]
     if dense:
