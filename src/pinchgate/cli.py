@@ -224,8 +224,19 @@ def evaluate(
     ] = None,
     batch_seconds: Annotated[float, Opt(help="Padded audio seconds per batch.")] = 200.0,
     device: Annotated[str, Opt(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    lm: Annotated[
+        Path | None,
+        Opt(help="ARPA word n-gram LM: lexicon-constrained beam search instead of greedy."),
+    ] = None,
+    lm_weight: Annotated[float, Opt(help="LM score weight (with --lm).")] = 1.0,
+    word_score: Annotated[float, Opt(help="Score added per word (with --lm).")] = 0.0,
+    beam_size: Annotated[int, Opt(help="Beam size (with --lm).")] = 50,
 ) -> None:
-    """Greedy CTC decoding with WER, CER and real-time factor; one JSON line per utterance."""
+    """CTC decoding with WER, CER and real-time factor; one JSON line per utterance.
+
+    Greedy by default; with --lm a beam search that writes only the LM's words and scores
+    them with it (`pinchgate lm` builds one; needs `pip install 'pinchgate[lm]'`).
+    """
     from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import load_corpus
     from pinchgate.data.vocab import load_tokenizer
@@ -237,7 +248,31 @@ def evaluate(
     model = load_ctc_model(model_dir).to(device)
     tokenizer = load_tokenizer(model_dir)
     feature_extractor = feature_extractor_for(model.config, model_dir)
-    output_dir = output_dir or model_dir.parent / "eval"
+    decoder = None
+    if lm is not None:
+        from pinchgate.lm import LexiconDecoder
+
+        vocab = tokenizer.get_vocab()
+        decoder = LexiconDecoder(
+            sorted(vocab, key=vocab.get),
+            lm,
+            lm_weight=lm_weight,
+            word_score=word_score,
+            beam_size=beam_size,
+            blank=tokenizer.pad_token,
+            delimiter=tokenizer.word_delimiter_token,
+        )
+        console.print(
+            f"LM decoding: {lm}, {decoder.lexicon_size:,} lexicon words"
+            + (
+                f" ({decoder.skipped_words} not spellable, left out)"
+                if decoder.skipped_words
+                else ""
+            )
+            + f", lm weight {lm_weight:g}, word score {word_score:g}, beam {beam_size}",
+            highlight=False,
+        )
+    output_dir = output_dir or model_dir.parent / ("eval-lm" if lm is not None else "eval")
     results = {}
     for spec in data:
         utterances, report = load_corpus(resolve_corpus(spec))
@@ -251,8 +286,11 @@ def evaluate(
             name,
             output_dir / f"{name}.jsonl",
             batch_seconds,
+            decoder,
         )
         results[name] = result.to_dict()
+        if decoder is not None:
+            results[name]["decoder"] = decoder.options
         typer.echo(result.summary())
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -292,6 +330,66 @@ def vocab(
     built = build_vocab(normalize_transcript(u.transcript) for u in utterances)
     save_vocab(built, output)
     typer.echo(f"{output}: {len(built)} tokens from {len(utterances)} transcripts")
+
+
+@app.command("lm")
+@user_errors
+def lm_build(
+    output: Annotated[Path, typer.Argument(help="ARPA file to write.")],
+    text: Annotated[
+        list[str] | None,
+        Opt(help="Text file, one sentence per line, or 'embedded' (the corpus's sentences)."),
+    ] = None,
+    corpus: Annotated[list[str] | None, Opt(help="Corpus whose transcripts are text.")] = None,
+    exclude: Annotated[
+        list[str] | None, Opt(help="Corpus whose transcripts are left out (test sets).")
+    ] = None,
+    order: Annotated[int, Opt(help="n-gram order.")] = 3,
+) -> None:
+    """Build a word n-gram LM (interpolated modified Kneser-Ney, ARPA) for `evaluate --lm`.
+
+    With no --text or --corpus: the sentences the embedded corpus was read from, less the
+    transcripts of embedded:dev, embedded:test and embedded:test-unseen. Text is
+    normalised like transcripts. Pure Python, for up to a few million words; for more use
+    KenLM's lmplz.
+    """
+    from pinchgate.data.builtin import resolve_corpus
+    from pinchgate.data.corpus import read_corpus
+    from pinchgate.data.text import normalize_transcript
+    from pinchgate.lm import write_arpa
+
+    if not text and not corpus:
+        text = ["embedded"]
+        exclude = exclude or ["embedded:dev", "embedded:test", "embedded:test-unseen"]
+    sentences: list[str] = []
+    for source in text or []:
+        if source == "embedded":
+            from pinchgate.data.texts import load_sentences
+
+            sentences += [s.transcript for s in load_sentences()]
+            continue
+        path = Path(source)
+        if not path.is_file():
+            raise PinchgateError(f"--text {source}: no such file")
+        try:
+            sentences += path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise PinchgateError(f"--text {source}: not UTF-8 text") from None
+    for spec in corpus or []:
+        utterances, _ = read_corpus(resolve_corpus(spec))
+        sentences += [u.transcript for u in utterances]
+    left_out = set()
+    for spec in exclude or []:
+        utterances, _ = read_corpus(resolve_corpus(spec))
+        left_out |= {normalize_transcript(u.transcript) for u in utterances}
+    normalised = [normalize_transcript(s) for s in sentences]
+    kept = [s for s in normalised if s and s not in left_out]
+    info = write_arpa(kept, output, order)
+    sizes = ", ".join(f"{n:,} {k + 1}-grams" for k, n in enumerate(info["ngrams"]))
+    typer.echo(
+        f"{output}: {sizes} from {info['sentences']:,} sentences, {info['words']:,} words"
+        f" ({len(normalised) - len(kept):,} sentences left out: empty or in --exclude)"
+    )
 
 
 @data_app.command("toy")

@@ -1,4 +1,5 @@
-"""Greedy CTC decoding, WER/CER scoring with jiwer, per-utterance output, real-time factor.
+"""CTC decoding (greedy, or a lexicon + LM beam search from pinchgate.lm), WER/CER scoring
+with jiwer, per-utterance output, real-time factor.
 
 Scoring normalisation: references and hypotheses both go through
 `pinchgate.data.text.normalize_transcript` (upper-case, punctuation removed, whitespace
@@ -53,8 +54,13 @@ def transcribe(
     tokenizer,
     utterances: list[Utterance],
     batch_seconds: float = 200.0,
+    decoder=None,
 ) -> tuple[list[str], float]:
-    """Greedy CTC hypotheses in input order, and the seconds spent in the model and decoder."""
+    """CTC hypotheses in input order, and the seconds spent in the model and decoder.
+
+    Greedy unless `decoder` is given: an object whose `decode(log_probs)` turns one
+    utterance's (frames, tokens) log-probabilities into text (pinchgate.lm.LexiconDecoder).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -71,9 +77,13 @@ def transcribe(
         inputs = {k: v.to(device) for k, v in features.items()}
         logits = model(**inputs).logits
         frames = model._get_feat_extract_output_lengths(torch.tensor([len(a) for a in audio]))
-        ids = logits.argmax(dim=-1).cpu()
-        # Padded frames are cut off so they cannot add characters to short utterances.
-        texts = tokenizer.batch_decode([ids[row, : int(n)] for row, n in enumerate(frames)])
+        if decoder is None:
+            ids = logits.argmax(dim=-1).cpu()
+            # Padded frames are cut off so they cannot add characters to short utterances.
+            texts = tokenizer.batch_decode([ids[row, : int(n)] for row, n in enumerate(frames)])
+        else:
+            log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            texts = [decoder.decode(log_probs[row, : int(n)]) for row, n in enumerate(frames)]
         compute_seconds += time.perf_counter() - start
         for i, text in zip(batch, texts, strict=True):
             hypotheses[i] = normalize_transcript(text)
@@ -116,10 +126,11 @@ def evaluate_corpus(
     name: str,
     output_path: str | Path | None = None,
     batch_seconds: float = 200.0,
+    decoder=None,
 ) -> EvalResult:
     """Decode, score, and write one JSON line per utterance (id, ref, hyp, errors)."""
     hypotheses, compute_seconds = transcribe(
-        model, feature_extractor, tokenizer, utterances, batch_seconds
+        model, feature_extractor, tokenizer, utterances, batch_seconds, decoder
     )
     references = [normalize_transcript(u.transcript) for u in utterances]
     totals = score(references, hypotheses)
