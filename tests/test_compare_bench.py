@@ -61,3 +61,21 @@ def test_primary_set_skips_dev():
     assert compare.primary_set(["dev", "embedded:test", "embedded:test-unseen"]) == "embedded:test"
     assert compare.primary_set(["ls:dev-clean", "ls:test-clean"]) == "ls:test-clean"
     assert compare.primary_set(["ls:dev-clean"]) == "ls:dev-clean"
+
+
+def test_gates_long_is_the_gates_with_twice_the_steps(tmp_path):
+    from pinchgate.compress import CompressConfig
+
+    compare = _compare_module()
+    base = CompressConfig.toy()
+    base.max_steps = 80
+    long = compare.run_config(base, tmp_path / "gl", 0, "gates-long", 2.0, tmp_path / "dense")
+    gates = compare.run_config(base, tmp_path / "g", 0, "gates", 2.0, tmp_path / "dense")
+    assert (long.method, long.max_steps, long.target_ratio) == ("gates", 160, 2.0)
+    assert (gates.method, gates.max_steps) == ("gates", 80)
+    structured = compare.run_config(base, tmp_path / "s", 0, "structured", 2.0)
+    assert (structured.method, structured.granularity) == ("gates", "structured")
+    dense = compare.run_config(base, tmp_path / "d", 0, "dense", None)
+    assert dense.target_ratio is None and dense.dense_reference is None
+    # Not part of the default set: the default benchmark does not run it.
+    assert "gates-long" not in compare.METHODS
