@@ -241,6 +241,29 @@ def test_fit_thresholds_hits_target_and_keeps_allocation():
     torch.testing.assert_close(gates.bank.thresholds() / gates.bank.thresholds()[0], ratio_before)
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.77])
+def test_frozen_masks_keep_the_exact_count_despite_tied_magnitudes(sparsity):
+    model = toy_mlp()
+    with torch.no_grad():  # magnitudes from 4 values: no threshold can split the ties
+        for layer in (model[0], model[2], model[4]):
+            layer.weight.copy_(torch.randint(1, 5, layer.weight.shape) * 0.1)
+    gates = attach_gates(model, TOY)
+    target = gates.target_kept(sparsity)
+    gates.fit_thresholds(sparsity)
+    assert gates.hard_counts()[0] != target  # the ties defeat the threshold alone
+    with torch.no_grad():
+        ratios = [layer.pre_gate_weight().abs() / layer.gate.threshold() for layer in gates.layers]
+    kept, total = gates.freeze_masks(target)
+    assert kept == target and gates.hard_counts()[0] == target
+    # Only boundary entries moved: every kept |W| / t is >= every pruned one, per layer.
+    for layer, ratio in zip(gates.layers, ratios, strict=True):
+        mask = layer.hard_mask()
+        if mask.any() and (~mask).any():
+            assert ratio[mask].min() >= ratio[~mask].max() - 1e-6
+    result = harden(model)
+    assert result.kept == target
+
+
 def test_harden_gives_exact_zeros_and_true_counts():
     model = tiny_w2v2()
     gates = attach_gates(model, GateConfig(include_pos_conv=True))

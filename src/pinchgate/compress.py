@@ -207,7 +207,7 @@ class GateMethod:
             before = 1.0 - self.gates.hard_kept_fraction()
             factor = self.gates.fit_thresholds(self.target_sparsity)
             self.fit = {"sparsity_before_fit": before, "final_fit_factor": factor}
-            kept, total = self.gates.freeze_masks()
+            kept, total = self.gates.freeze_masks(self.gates.target_kept(self.target_sparsity))
             logs = {"fit_factor": factor, "sparsity_before_fit": before, "frozen_at": step}
             _say(
                 f"step {step}: thresholds x{factor:.4f} -> hard sparsity {1 - kept / total:.4f}; "
@@ -263,6 +263,7 @@ class GateMethod:
             return self.fit["final_fit_factor"]
         self.fit["sparsity_before_fit"] = 1.0 - gates.hard_kept_fraction()
         self.fit["final_fit_factor"] = gates.fit_thresholds(self.target_sparsity)
+        gates.freeze_masks(gates.target_kept(self.target_sparsity))  # exact, ties broken
         return self.fit["final_fit_factor"]
 
     # -- at the end --------------------------------------------------------------------------

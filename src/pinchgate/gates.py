@@ -591,6 +591,10 @@ class GatedModel(GateControls):
         return stats
 
     # --- controls --------------------------------------------------------------------------
+    def target_kept(self, target_sparsity: float) -> int:
+        """Gated weights kept at a gated sparsity (the baselines round the same way)."""
+        return round((1.0 - target_sparsity) * self.numel)
+
     def fit_thresholds(self, target_sparsity: float, iterations: int = 64) -> float:
         """Scale all thresholds by one factor so the HARD gated sparsity equals the target.
 
@@ -601,7 +605,7 @@ class GatedModel(GateControls):
             raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
         if self.frozen:
             raise ValueError("masks are frozen; fit thresholds before freeze_masks()")
-        target_kept = round((1.0 - target_sparsity) * self.numel)
+        target_kept = self.target_kept(target_sparsity)
         with torch.no_grad():
             weights = [layer.pre_gate_weight().detach() for layer in self.layers]
             thresholds = [layer.gate.threshold().detach() for layer in self.layers]
@@ -633,19 +637,24 @@ class GatedModel(GateControls):
         self.scale_thresholds(factor)
         return factor
 
-    def freeze_masks(self) -> tuple[int, int]:
+    def freeze_masks(self, target_kept: int | None = None) -> tuple[int, int]:
         """Replace every soft gate by its fixed hard mask; weights stay trainable.
 
         Pruned entries of plain weights are zeroed now, and the mask keeps their effective
-        value at zero afterwards. Thresholds stop mattering. Returns (kept, total).
+        value at zero afterwards. Thresholds stop mattering. With `target_kept`, the masks
+        keep exactly that many weights: where no threshold factor can (equal magnitudes at
+        the boundary, as in weights stored in fp16), the few entries nearest their layer's
+        threshold (by |W| / t) are added or dropped. Returns (kept, total).
         """
+        if all(layer.gate.frozen for layer in self.layers):
+            return sum(int(layer.gate.hard_mask.sum()) for layer in self.layers), self.numel
+        with torch.no_grad():
+            masks = [layer.hard_mask() for layer in self.layers]
+            if target_kept is not None:
+                masks = self._exact_masks(masks, target_kept)
         kept = 0
         with torch.no_grad():
-            for layer in self.layers:
-                if layer.gate.hard_mask is not None:
-                    kept += int(layer.gate.hard_mask.sum())
-                    continue
-                mask = layer.hard_mask()
+            for layer, mask in zip(self.layers, masks, strict=True):
                 plist = layer.module.parametrizations.weight
                 if plist.is_tensor and layer.position == 0:
                     plist.original.masked_fill_(~mask, 0)
@@ -653,6 +662,29 @@ class GatedModel(GateControls):
                 layer.gate._cache = None
                 kept += int(mask.sum())
         return kept, self.numel
+
+    def _exact_masks(self, masks: list[Tensor], target_kept: int) -> list[Tensor]:
+        """The masks with the `target_kept - kept` boundary entries added (or dropped)."""
+        missing = target_kept - sum(int(m.sum()) for m in masks)
+        if missing == 0:
+            return masks
+        want_kept = missing > 0  # add pruned entries, or drop kept ones
+        scores, owners = [], []
+        for i, (layer, mask) in enumerate(zip(self.layers, masks, strict=True)):
+            w = layer.pre_gate_weight().detach().abs().float().flatten()
+            t = float(layer.gate.threshold())
+            ratio = w / t if t > 0 else w
+            candidates = (~mask if want_kept else mask).flatten().nonzero().squeeze(1)
+            scores.append(ratio[candidates] if want_kept else -ratio[candidates])
+            owners.append(torch.stack([torch.full_like(candidates, i), candidates], dim=1))
+        scores, owners = torch.cat(scores), torch.cat(owners)
+        if abs(missing) > scores.numel():
+            raise ValueError(f"cannot keep {target_kept} of {self.numel} gated weights")
+        chosen = owners[torch.topk(scores, abs(missing)).indices]
+        masks = [m.clone() for m in masks]
+        for i, flat in chosen.tolist():
+            masks[i].view(-1)[flat] = want_kept
+        return masks
 
     def harden(self) -> HardenResult:
         """Bake 1[|W| > t] (or the frozen mask) into the weights as exact zeros; remove gates."""
