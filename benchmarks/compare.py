@@ -203,28 +203,42 @@ def _better(significance: dict | None) -> str | None:
     )
 
 
+# The references each run is tested against at its ratio and seed (besides dense).
+REFERENCES = ("gates", "gates-long")
+
+
+def _key(ref: str) -> str:
+    return "p_vs_" + ref.replace("-", "_")
+
+
 def add_gate_comparisons(rows: list[dict]) -> None:
-    """MAPSSWE of each baseline against the gates at the same ratio and seed; time ratio."""
+    """MAPSSWE of each run against the gates (and gates-long, when run) at the same ratio
+    and seed; time relative to the gates."""
     from pinchgate.report import compare_with_reference
 
-    gates = {(r["seed"], r["target_ratio"]): r for r in rows if r["method"] == "gates"}
-    for row in rows:
-        ours = gates.get((row["seed"], row["target_ratio"]))
-        row["time_vs_gates"] = row["seconds"] / ours["seconds"] if ours else None
-        for name, entry in row["sets"].items():
-            entry["p_vs_gates"] = entry["better_than_gates"] = None
-            if ours is None or row is ours:
-                continue
-            test = compare_with_reference(
-                Path(row["run_dir"]) / "eval" / f"{name}.jsonl",
-                Path(ours["run_dir"]) / "eval" / f"{name}.jsonl",
-            )
-            entry["p_vs_gates"] = test["p_value"] if test else None
-            # "compressed" is this run (fewer errors than the gates), "dense" the gates.
-            better = _better(test)
-            entry["better_than_gates"] = {"compressed": "this", "dense": "gates"}.get(
-                better, better
-            )
+    for ref in REFERENCES:
+        runs = {(r["seed"], r["target_ratio"]): r for r in rows if r["method"] == ref}
+        for row in rows:
+            ours = runs.get((row["seed"], row["target_ratio"]))
+            if ref == "gates":
+                row["time_vs_gates"] = row["seconds"] / ours["seconds"] if ours else None
+            for name, entry in row["sets"].items():
+                entry[_key(ref)] = None
+                if ref == "gates":
+                    entry["better_than_gates"] = None
+                if ours is None or row is ours:
+                    continue
+                test = compare_with_reference(
+                    Path(row["run_dir"]) / "eval" / f"{name}.jsonl",
+                    Path(ours["run_dir"]) / "eval" / f"{name}.jsonl",
+                )
+                entry[_key(ref)] = test["p_value"] if test else None
+                if ref == "gates":
+                    # "compressed" is this run (fewer errors than the gates), "dense" the gates.
+                    better = _better(test)
+                    entry["better_than_gates"] = {"compressed": "this", "dense": "gates"}.get(
+                        better, better
+                    )
 
 
 def render_table(rows: list[dict]) -> str:
@@ -233,7 +247,13 @@ def render_table(rows: list[dict]) -> str:
     main = [primary_set(sets)] if sets else []
     header = ["method", "target", "ratio", "kept params"]
     header += [f"WER {s}" for s in sets] + [f"p vs dense ({s})" for s in main]
-    header += [f"p vs gates ({s})" for s in main] + [f"RTF ({s})" for s in main]
+    refs = [
+        ref
+        for ref in REFERENCES
+        if any(r["sets"][n].get(_key(ref)) is not None for r in rows for n in main)
+    ]
+    header += [f"p vs {ref} ({s})" for ref in refs for s in main]
+    header += [f"RTF ({s})" for s in main]
     header += ["time s", "time / gates"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple, list[dict]] = {}
@@ -245,7 +265,7 @@ def render_table(rows: list[dict]) -> str:
         cells = [method, f"{target:g}x", _stat([r["ratio"] for r in group], "{:.3f}x")]
         cells.append(_stat([r["kept_params"] for r in group], "{:,.0f}"))
         cells += [_stat([100 * r["sets"][s]["wer"] for r in group], "{:.2f}%") for s in sets]
-        for key, ref in (("p_vs_dense", "dense"), ("p_vs_gates", "gates")):
+        for key, ref in [("p_vs_dense", "dense")] + [(_key(ref), ref) for ref in refs]:
             for s in main:
                 values = [r["sets"][s][key] for r in group if r["sets"][s].get(key) is not None]
                 cell = _stat(values, "{:.3f}") if values else ""
