@@ -207,7 +207,7 @@ class GateMethod:
             before = 1.0 - self.gates.hard_kept_fraction()
             factor = self.gates.fit_thresholds(self.target_sparsity)
             self.fit = {"sparsity_before_fit": before, "final_fit_factor": factor}
-            kept, total = self.gates.freeze_masks(self.gates.target_kept(self.target_sparsity))
+            kept, total = self._freeze(self.gates)
             logs = {"fit_factor": factor, "sparsity_before_fit": before, "frozen_at": step}
             _say(
                 f"step {step}: thresholds x{factor:.4f} -> hard sparsity {1 - kept / total:.4f}; "
@@ -263,8 +263,15 @@ class GateMethod:
             return self.fit["final_fit_factor"]
         self.fit["sparsity_before_fit"] = 1.0 - gates.hard_kept_fraction()
         self.fit["final_fit_factor"] = gates.fit_thresholds(self.target_sparsity)
-        gates.freeze_masks(gates.target_kept(self.target_sparsity))  # exact, ties broken
+        self._freeze(gates)
         return self.fit["final_fit_factor"]
+
+    def _freeze(self, gates) -> tuple[int, int]:
+        """Freeze the masks; weight-level gates keep exactly the target count (ties broken).
+        Structured gates keep whole groups, so they land as close as groups allow."""
+        if isinstance(gates, GatedModel):
+            return gates.freeze_masks(gates.target_kept(self.target_sparsity))
+        return gates.freeze_masks()
 
     # -- at the end --------------------------------------------------------------------------
     def finalize(self, model: torch.nn.Module) -> dict:
