@@ -332,10 +332,10 @@ def plot(rows: list[dict], path: Path) -> None:
     if dense:
         wer = statistics.mean(100 * r["sets"][first]["wer"] for r in dense)
         for ax in (left, right):
-            ax.axhline(wer, color="grey", linestyle="--", label="dense")
+            ax.axhline(wer, color="black", linestyle="--", label="dense")
         rtfs = [r["sets"][first].get("rtf") for r in dense]
         if all(x is not None for x in rtfs):
-            right.plot([statistics.mean(rtfs)], [wer], marker="s", color="grey")
+            right.plot([statistics.mean(rtfs)], [wer], marker="s", color="black")
     for method in METHODS + EXTRA_METHODS:
         points: dict[float, list[dict]] = {}
         for r in rows:
