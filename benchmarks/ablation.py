@@ -1,6 +1,6 @@
 """Ablation of the gate method's design choices: threshold tying, tau schedule, controller.
 
-    python benchmarks/ablation.py [--ratio 2.86] [--dense-reference runs/embedded-finetune]
+    python benchmarks/ablation.py [--ratio 2.86] [--dense-reference runs/compare/seed0/dense]
         [--out runs/ablation] [--only NAME ...] [--table-only] [-- EXTRA COMPRESS OPTIONS]
 
 Runs `pinchgate compress` (the embedded default unless extra options say otherwise) once per
@@ -117,7 +117,7 @@ def main() -> None:
         argv = argv[: argv.index("--")]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=2.86)
-    parser.add_argument("--dense-reference", default="runs/embedded-finetune")
+    parser.add_argument("--dense-reference", default="runs/compare/seed0/dense")
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--table-only", action="store_true", help="run nothing, print the table")
