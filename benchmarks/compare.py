@@ -1,7 +1,7 @@
 """Compare the gates with the baselines at several compression ratios, on equal terms.
 
     python benchmarks/compare.py [--out runs/compare] [--ratios 2 2.86 4.26 6]
-                                 [--methods gates ump gmp-global gmp parp str structured
+                                 [--methods gates ump global-magnitude gmp parp str structured
                                             gates-long]
                                  [--seeds 0]
                                  [--config recipe.yaml] [--quick] [--report-only]
@@ -9,9 +9,9 @@
 Every method starts from the same model and corpus (the embedded default unless --config
 names a `pinchgate compress` YAML), with the same step budget per pass, the same seed and
 the same gated weights. One dense fine-tuning run per seed is the reference accuracy and the
-first pass of the two-pass methods (ump, gmp-global, parp): it is trained once and its
-training time is counted in each of their totals. `structured` is the gates with
-`--granularity structured`, scored (WER and speed) as the shrunken model it exports.
+first pass of the two-pass methods (ump, global-magnitude, parp): it is trained once and its
+training time is counted in each of their totals. `structured` (structured gates) is scored
+(WER and speed) as the shrunken model it exports.
 `gates-long` (only when named in --methods) is the gates with twice the steps in their one
 pass: the training budget of a two-pass method, to compare at equal compute.
 Writes to --out:
@@ -41,12 +41,12 @@ import time
 from pathlib import Path
 
 DEFAULT_RATIOS = (2.0, 2.86, 4.26, 6.0)
-METHODS = ("gates", "ump", "gmp-global", "gmp", "parp", "str", "structured")
+METHODS = ("gates", "ump", "global-magnitude", "gmp", "parp", "str", "structured")
 # Asked for by name only: the gates given the step budget of a two-pass method (twice the
 # steps in one pass), to compare at equal training compute rather than equal steps per pass.
 EXTRA_METHODS = ("gates-long",)
-# `structured` is the gates with --granularity structured (FFN neurons and heads removed);
-# its accuracy and real-time factor are those of the shrunken model it exports.
+# `structured` removes FFN neurons and heads; its accuracy and real-time factor are those of
+# the shrunken model it exports.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +182,6 @@ def run_config(base, run_dir: Path, seed: int, method: str, target_ratio, dense_
 
     values = dataclasses.asdict(base)
     values.update(output_dir=str(run_dir), seed=seed, method=method, granularity="weight")
-    if method == "structured":
-        values.update(method="gates", granularity="structured")
     if method == "gates-long":
         values.update(method="gates", max_steps=2 * base.max_steps)
     values.update(target_ratio=None if method == "dense" else target_ratio, target_sparsity=None)

@@ -46,7 +46,7 @@ step onnx-4.26x "$runs/gates-4.26x.onnx" pinchgate export "$packed" \
 
 for ratio in 2 2.86; do
     step "structured-${ratio}x" "$c/structured-${ratio}x/report.json" pinchgate compress \
-        --granularity structured --target-ratio "$ratio" "${ref[@]}" \
+        --method structured --target-ratio "$ratio" "${ref[@]}" \
         --output-dir "$c/structured-${ratio}x"
 done
 

@@ -187,9 +187,8 @@ def _import_model_code(path: str) -> None:
     """Import the transformers modules of the model's architecture (lazily loaded)."""
     import transformers
 
-    import pinchgate.models
-    import pinchgate.structured  # noqa: F401  (load_any imports it for shrunk models)
-    from pinchgate.export import resolve_model_dir
+    import pinchgate.export  # noqa: F401  (load_any and the families it imports)
+    from pinchgate.modeldir import resolve_model_dir
 
     config = json.loads((resolve_model_dir(path) / "config.json").read_text())
     for name in config.get("architectures") or ["AutoModelForCTC"]:
@@ -218,20 +217,16 @@ def prepare(name: str, path: str, args: argparse.Namespace, tmp: Path) -> list[d
     """One row per variant of this model, with everything but the timings."""
     import torch
 
-    from pinchgate.export import (
-        PACKED_FILE,
-        _weight_files,
-        export_onnx,
-        is_packed,
-        load_any,
-        onnx_max_abs_diff,
-        resolve_model_dir,
-    )
-    from pinchgate.models import count_parameters, feature_extractor_for
+    from pinchgate.export import export_onnx, load_any
+    from pinchgate.families import count_parameters
+    from pinchgate.families.ctc import feature_extractor_for
+    from pinchgate.families.ctc_onnx import onnx_max_abs_diff
+    from pinchgate.modeldir import resolve_model_dir, weight_files
+    from pinchgate.packing import PACKED_FILE, is_packed
 
     model = load_any(path)
     model_dir = Path(path) if is_packed(path) else resolve_model_dir(path)
-    files = [model_dir / PACKED_FILE] if is_packed(path) else _weight_files(model_dir)
+    files = [model_dir / PACKED_FILE] if is_packed(path) else weight_files(model_dir)
     mask = bool(feature_extractor_for(model.config, model_dir).return_attention_mask)
     params = count_parameters(model)["total"]
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())

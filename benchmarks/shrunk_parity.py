@@ -29,7 +29,7 @@ def main() -> None:
     from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import load_corpus
     from pinchgate.export import load_any
-    from pinchgate.models import feature_extractor_for
+    from pinchgate.families.ctc import feature_extractor_for
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

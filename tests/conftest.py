@@ -44,8 +44,8 @@ def toy_corpus(tmp_path_factory) -> Path:
 def tiny_model_dir(tmp_path_factory, toy_corpus) -> Path:
     """A saved tiny Wav2Vec2ForCTC with vocab.json and preprocessor, as `finetune` writes."""
     from pinchgate.data.corpus import read_corpus
-    from pinchgate.data.vocab import build_vocab, load_tokenizer, save_vocab
-    from pinchgate.models import build_model, feature_extractor_for
+    from pinchgate.families.ctc import build_model, feature_extractor_for
+    from pinchgate.families.ctc_vocab import build_vocab, load_tokenizer, save_vocab
 
     utterances, _ = read_corpus(toy_corpus / "train")
     path = tmp_path_factory.mktemp("model")

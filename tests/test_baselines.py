@@ -9,13 +9,14 @@ import torch
 from typer.testing import CliRunner
 
 import runs
-from pinchgate.baselines import GmpOptions, parse_method
-from pinchgate.baselines.gradual import GmpSchedule, GradualMagnitude, cubic_sparsity
-from pinchgate.baselines.pruning import magnitude_masks, top_k_mask, uniform_kept_counts
-from pinchgate.baselines.soft_threshold import SoftThreshold, soft_threshold
 from pinchgate.cli import app
-from pinchgate.compress import CompressConfig, run_compress
+from pinchgate.compress import run_compress
+from pinchgate.config import CompressConfig
 from pinchgate.errors import PinchgateError
+from pinchgate.methods import GmpOptions, parse_method
+from pinchgate.methods.gradual import GmpSchedule, GradualMagnitude, cubic_sparsity
+from pinchgate.methods.magnitude import magnitude_masks, top_k_mask, uniform_kept_counts
+from pinchgate.methods.soft_threshold import SoftThreshold, soft_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GATED = ("encoder.layers.", "feature_projection.projection")
@@ -47,7 +48,7 @@ def exported(run: Path) -> dict[str, torch.Tensor]:
     """The run's model read by stock transformers; checks nothing of ours is left in it."""
     from transformers import AutoModelForCTC
 
-    from pinchgate.models import build_model
+    from pinchgate.families.ctc import build_model
 
     model = AutoModelForCTC.from_pretrained(run / "model")
     state = model.state_dict()
@@ -111,7 +112,7 @@ def test_cubic_schedule():
 
 
 def test_gmp_mask_at_a_mid_step(toy_corpus, tmp_path):
-    from pinchgate.models import build_model
+    from pinchgate.families.ctc import build_model
 
     cfg = tiny(toy_corpus, tmp_path, "gmp", max_steps=20)
     options = GmpOptions(start=0.1, end=0.5, every=2)
@@ -304,3 +305,17 @@ def test_interrupted_run_resumes_to_the_same_model(toy_corpus, tmp_path, method,
     assert results["steps"] == 10
     assert len(runs.read_jsonl(cut / "metrics.jsonl")) == 10 - resume_at
     runs.assert_same_weights(whole / "model", cut / "model")
+
+
+def test_old_names_still_work_and_say_so(capsys):
+    from pinchgate.compress import check_config
+
+    assert parse_method("gmp-global", 100)[0] == "global-magnitude"
+    cfg = CompressConfig.toy()
+    cfg.method = "gmp-global"
+    assert check_config(cfg)[0] == "global-magnitude" and cfg.method == "global-magnitude"
+    assert "deprecated" in capsys.readouterr().err
+    cfg = CompressConfig.toy()
+    cfg.granularity = "structured"
+    assert check_config(cfg)[0] == "structured"
+    assert (cfg.method, cfg.granularity) == ("structured", "weight")

@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 
 import runs
 from pinchgate.cli import app
-from pinchgate.compress import CompressConfig, GateMethod, run_compress
+from pinchgate.compress import run_compress
+from pinchgate.config import CompressConfig
 from pinchgate.errors import PinchgateError
+from pinchgate.methods.gates import GateMethod
 from pinchgate.sparsity import SparsityController
 
 
@@ -44,7 +46,7 @@ def test_reaches_the_target_and_exports_a_stock_model(toy_corpus, tmp_path):
     from transformers import AutoModelForCTC
 
     model = AutoModelForCTC.from_pretrained(run / "model")  # stock transformers, no gates
-    from pinchgate.models import build_model
+    from pinchgate.families.ctc import build_model
 
     plain = build_model(model.config.vocab_size).state_dict()
     assert set(model.state_dict()) == set(plain)  # no gate, threshold or mask left behind
@@ -54,18 +56,12 @@ def test_reaches_the_target_and_exports_a_stock_model(toy_corpus, tmp_path):
     assert c["compression_ratio"] == pytest.approx(c["total_params"] / c["kept_params"])
     # The report's WER is that of the exported model, decoded again here.
     from pinchgate.data.corpus import load_corpus
-    from pinchgate.data.vocab import load_tokenizer
     from pinchgate.evaluate import evaluate_corpus
-    from pinchgate.models import feature_extractor_for
+    from pinchgate.families.ctc import CTCFamily
 
     utterances, _ = load_corpus(toy_corpus / "test")
-    again = evaluate_corpus(
-        model,
-        feature_extractor_for(model.config, run / "model"),
-        load_tokenizer(run / "model"),
-        utterances,
-        "test",
-    )
+    family = CTCFamily()
+    again = evaluate_corpus(model, family, family.load_processor(run / "model"), utterances, "test")
     report = json.loads((run / "report.json").read_text())
     assert report["sets"]["test"]["wer"] == pytest.approx(again.wer)
     layers = list(csv.DictReader((run / "layers.csv").open()))

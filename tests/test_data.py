@@ -7,12 +7,12 @@ import pytest
 import soundfile as sf
 
 from pinchgate.data.audio import load_audio
-from pinchgate.data.batching import CTCCollator, SpeechDataset, bucket_batches
+from pinchgate.data.batching import SpeechDataset, bucket_batches
 from pinchgate.data.corpus import check_utterances, load_corpus, read_corpus, read_manifest
 from pinchgate.data.text import normalize_transcript
-from pinchgate.data.vocab import build_vocab, load_tokenizer, save_vocab, vocab_characters
 from pinchgate.errors import AudioError, CorpusError, PinchgateError
-from pinchgate.models import feature_extractor_for
+from pinchgate.families.ctc import CTCFamily, CTCProcessor, feature_extractor_for
+from pinchgate.families.ctc_vocab import build_vocab, load_tokenizer, save_vocab, vocab_characters
 
 
 def write_clip(path, seconds=0.5, rate=16000, channels=1, value=0.1):
@@ -162,11 +162,11 @@ def test_bucket_batches_respect_padded_seconds():
 def test_collator_pads_audio_and_labels(toy_corpus, tiny_model_dir):
     utterances, _ = load_corpus(toy_corpus / "train")
     tokenizer = load_tokenizer(tiny_model_dir)
-    dataset = SpeechDataset(utterances[:3], 16000, tokenizer)
+    dataset = SpeechDataset(utterances[:3], 16000, lambda text: tokenizer(text).input_ids)
     from transformers import Wav2Vec2Config
 
-    collate = CTCCollator(feature_extractor_for(Wav2Vec2Config()))
-    batch = collate([dataset[i] for i in range(3)])
+    processor = CTCProcessor(feature_extractor_for(Wav2Vec2Config()), tokenizer)
+    batch = CTCFamily().collate(processor, [dataset[i] for i in range(3)])
     longest = max(len(dataset[i]["audio"]) for i in range(3))
     assert batch["input_values"].shape == (3, longest)
     lengths = [len(dataset[i]["labels"]) for i in range(3)]

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from pinchgate.compress import CompressConfig
-from pinchgate.config import FinetuneConfig
+from pinchgate.config import STANDIN_MODEL as EMBEDDED_MODEL
+from pinchgate.config import CompressConfig, FinetuneConfig
 from pinchgate.data.audio import load_audio
 from pinchgate.data.builtin import EMBEDDED_CORPUS, SYNTH_SIZES, resolve_corpus
 from pinchgate.data.corpus import read_corpus
 from pinchgate.errors import CorpusError
-from pinchgate.models import EMBEDDED_MODEL, load_ctc_model
+from pinchgate.families.ctc import load_ctc_model
 
 needs_corpus = pytest.mark.skipif(
     not (EMBEDDED_CORPUS / "corpus.json").is_file(), reason="no embedded corpus in this checkout"

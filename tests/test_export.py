@@ -11,9 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from pinchgate import export
+from pinchgate import export, packing
 from pinchgate.cli import app
 from pinchgate.errors import PinchgateError
+from pinchgate.families.ctc_onnx import OnnxCTCModel, onnx_max_abs_diff
 
 runner = CliRunner()
 
@@ -49,14 +50,14 @@ def sparse_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 def rewrite(packed_dir: Path, change) -> None:
     """Edit a packed file's tensors and table, keeping its checksum valid."""
-    path = packed_dir / export.PACKED_FILE
+    path = packed_dir / packing.PACKED_FILE
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     table = json.loads(metadata["pinchgate.tensors"])
     change(tensors, table)
     metadata["pinchgate.tensors"] = json.dumps(table)
-    metadata["pinchgate.sha256"] = export._digest(tensors)
+    metadata["pinchgate.sha256"] = packing.digest(tensors)
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -70,9 +71,9 @@ def test_round_trip_is_bit_identical(tmp_path, tiny_model_dir, one_thread, seed)
     fractions["wav2vec2.encoder.layers.0.attention.q_proj.weight"] = 0.5
     fractions["wav2vec2.encoder.layers.1.feed_forward.output_dense.weight"] = 1.0  # none
     model_dir = harden(tiny_model_dir, tmp_path / "model", fractions, seed)
-    report = export.pack(model_dir, tmp_path / "packed")
+    report = packing.pack(model_dir, tmp_path / "packed")
     assert {"plain", "bitmask", "indices"} <= set(report.encodings())
-    export.unpack(tmp_path / "packed", tmp_path / "unpacked")
+    packing.unpack(tmp_path / "packed", tmp_path / "unpacked")
 
     before = load_file(model_dir / "model.safetensors")
     after = load_file(tmp_path / "unpacked" / "model.safetensors")
@@ -83,7 +84,7 @@ def test_round_trip_is_bit_identical(tmp_path, tiny_model_dir, one_thread, seed)
     for side in ("config.json", "vocab.json", "preprocessor_config.json"):
         assert (tmp_path / "unpacked" / side).read_bytes() == (model_dir / side).read_bytes()
 
-    model = export.load(tmp_path / "packed")
+    model = packing.load_packed(tmp_path / "packed")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
 
@@ -94,10 +95,10 @@ def test_tensor_codec_round_trips_odd_shapes(tmp_path, shape, keep):
     generator = torch.Generator().manual_seed(len(shape))
     tensor = torch.randn(shape, generator=generator) + 3.0  # no accidental zeros
     tensor[torch.rand(shape, generator=generator) >= keep] = 0.0
-    parts, entry, report = export._encode("w", tensor, "fp32")
+    parts, entry, report = packing.encode_tensor("w", tensor, "fp32")
     assert report.kept == int(torch.count_nonzero(tensor))
     assert report.stored_bytes == sum(p.nbytes for p in parts.values())
-    restored = export._decode(tmp_path / "f", "w", json.loads(json.dumps(entry)), parts)
+    restored = packing.decode_tensor(tmp_path / "f", "w", json.loads(json.dumps(entry)), parts)
     assert restored.shape == tensor.shape
     assert torch.equal(restored.view(torch.int32), tensor.view(torch.int32))
 
@@ -108,7 +109,7 @@ def test_smaller_of_bitmask_and_indices_is_chosen():
     def encoded(numel, keep):
         tensor = torch.randn(numel, generator=generator) + 3.0
         tensor[torch.randperm(numel, generator=generator)[round(keep * numel) :]] = 0.0
-        parts, entry, _ = export._encode("w", tensor.reshape(-1, 100), "fp32")
+        parts, entry, _ = packing.encode_tensor("w", tensor.reshape(-1, 100), "fp32")
         return entry, parts
 
     entry, parts = encoded(10_000, 0.01)  # 100 kept: 200 B of int16 indices < 1250 B of mask
@@ -125,8 +126,8 @@ def test_smaller_of_bitmask_and_indices_is_chosen():
 
 
 def test_size_accounting(tmp_path, sparse_dir, one_thread):
-    report = export.pack(sparse_dir, tmp_path / "packed")
-    path = tmp_path / "packed" / export.PACKED_FILE
+    report = packing.pack(sparse_dir, tmp_path / "packed")
+    path = tmp_path / "packed" / packing.PACKED_FILE
     assert report.packed_bytes == path.stat().st_size
     assert report.dense_bytes == (sparse_dir / "model.safetensors").stat().st_size
     assert report.header_bytes + sum(t.stored_bytes for t in report.tensors) == report.packed_bytes
@@ -141,9 +142,9 @@ def test_size_accounting(tmp_path, sparse_dir, one_thread):
 def test_fp16_and_int8_stay_within_their_error_bounds(tmp_path, sparse_dir, one_thread):
     original = load_file(sparse_dir / "model.safetensors")
     for values in ("fp16", "int8"):
-        report = export.pack(sparse_dir, tmp_path / values, values=values)
+        report = packing.pack(sparse_dir, tmp_path / values, values=values)
         assert report.sparsity == pytest.approx(0.75, abs=0.02)  # pruning, not quantisation
-        restored = export.read_packed(tmp_path / values)
+        restored = packing.read_packed(tmp_path / values)
         worst = 0.0
         for name, weight in original.items():
             got = restored[name]
@@ -160,24 +161,26 @@ def test_fp16_and_int8_stay_within_their_error_bounds(tmp_path, sparse_dir, one_
             assert torch.all(error <= bound), (values, name)
             worst = max(worst, float(error.max()))
         assert report.max_abs_error == pytest.approx(worst, rel=1e-6)
-        assert report.packed_bytes < export.pack(sparse_dir, tmp_path / f"{values}-32").packed_bytes
+        assert (
+            report.packed_bytes < packing.pack(sparse_dir, tmp_path / f"{values}-32").packed_bytes
+        )
 
 
 def test_truncated_or_corrupt_file_is_refused_naming_it(tmp_path, sparse_dir):
-    export.pack(sparse_dir, tmp_path / "packed")
-    path = tmp_path / "packed" / export.PACKED_FILE
+    packing.pack(sparse_dir, tmp_path / "packed")
+    path = tmp_path / "packed" / packing.PACKED_FILE
     data = path.read_bytes()
 
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(PinchgateError, match="corrupt or truncated") as info:
-        export.load(tmp_path / "packed")
+        packing.load_packed(tmp_path / "packed")
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF  # inside the stored values
     path.write_bytes(bytes(flipped))
     with pytest.raises(PinchgateError, match="checksum") as info:
-        export.unpack(tmp_path / "packed", tmp_path / "unpacked")
+        packing.unpack(tmp_path / "packed", tmp_path / "unpacked")
     assert str(path) in str(info.value)
     assert not (tmp_path / "unpacked").exists()
 
@@ -188,9 +191,9 @@ def test_truncated_or_corrupt_file_is_refused_naming_it(tmp_path, sparse_dir):
 
 def test_tensor_disagreeing_with_config_or_mask_is_named(tmp_path, sparse_dir):
     packed = tmp_path / "packed"
-    export.pack(sparse_dir, packed)
+    packing.pack(sparse_dir, packed)
     table = json.loads(
-        safe_open(str(packed / export.PACKED_FILE), "pt").metadata()["pinchgate.tensors"]
+        safe_open(str(packed / packing.PACKED_FILE), "pt").metadata()["pinchgate.tensors"]
     )
     masked = next(name for name, e in table.items() if e["encoding"] == "bitmask")
 
@@ -200,11 +203,11 @@ def test_tensor_disagreeing_with_config_or_mask_is_named(tmp_path, sparse_dir):
 
     rewrite(packed, drop_one_value)
     with pytest.raises(PinchgateError, match="mask keeps") as info:
-        export.load(packed)
-    assert repr(masked) in str(info.value) and export.PACKED_FILE in str(info.value)
+        packing.load_packed(packed)
+    assert repr(masked) in str(info.value) and packing.PACKED_FILE in str(info.value)
 
     shutil.rmtree(packed)
-    export.pack(sparse_dir, packed)
+    packing.pack(sparse_dir, packed)
 
     def drop_tensor(tensors, table):
         for key in [k for k in tensors if k.startswith("lm_head.bias/")]:
@@ -213,21 +216,21 @@ def test_tensor_disagreeing_with_config_or_mask_is_named(tmp_path, sparse_dir):
 
     rewrite(packed, drop_tensor)
     with pytest.raises(PinchgateError, match="'lm_head.bias' of config.json is missing"):
-        export.load(packed)
+        packing.load_packed(packed)
 
     shutil.rmtree(packed)
-    export.pack(sparse_dir, packed)
+    packing.pack(sparse_dir, packed)
     config = json.loads((packed / "config.json").read_text())
     config["vocab_size"] += 1
     (packed / "config.json").write_text(json.dumps(config))
     with pytest.raises(PinchgateError, match=r"tensor 'lm_head\.\w+' has shape \[") as info:
-        export.unpack(packed, tmp_path / "unpacked")
-    assert str(packed / export.PACKED_FILE) in str(info.value)
+        packing.unpack(packed, tmp_path / "unpacked")
+    assert str(packed / packing.PACKED_FILE) in str(info.value)
 
 
 def test_dense_model_is_refused_unless_allowed(tmp_path, tiny_model_dir):
     with pytest.raises(PinchgateError, match="not a hardened") as info:
-        export.pack(tiny_model_dir, tmp_path / "packed")
+        packing.pack(tiny_model_dir, tmp_path / "packed")
     assert str(tiny_model_dir / "model.safetensors") in str(info.value)
     assert not (tmp_path / "packed").exists()
 
@@ -237,7 +240,7 @@ def test_dense_model_is_refused_unless_allowed(tmp_path, tiny_model_dir):
 
     result = runner.invoke(app, ["pack", str(tiny_model_dir), str(tmp_path / "p"), "--allow-dense"])
     assert result.exit_code == 0, result.output
-    restored = export.read_packed(tmp_path / "p")
+    restored = packing.read_packed(tmp_path / "p")
     for name, tensor in load_file(tiny_model_dir / "model.safetensors").items():
         assert torch.equal(restored[name], tensor), name
 
@@ -247,7 +250,7 @@ def test_pickle_only_model_is_refused(tmp_path):
     (tmp_path / "m" / "config.json").write_text('{"model_type": "wav2vec2"}')
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(PinchgateError, match="pickle weights are not read"):
-        export.pack(tmp_path / "m", tmp_path / "p", allow_dense=True)
+        packing.pack(tmp_path / "m", tmp_path / "p", allow_dense=True)
 
 
 @pytest.mark.parametrize("command", ["pack", "unpack", "export"])
@@ -264,12 +267,12 @@ def test_cli_pack_and_unpack_a_run_directory(tmp_path, sparse_dir, one_thread):
     assert result.exit_code == 0, result.output
     assert "ratio (dense / packed)" in result.output and "int8" in result.output
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(
-        [export.PACKED_FILE, *(p.name for p in sparse_dir.iterdir() if p.suffix == ".json")]
+        [packing.PACKED_FILE, *(p.name for p in sparse_dir.iterdir() if p.suffix == ".json")]
     )
 
     result = runner.invoke(app, ["unpack", str(tmp_path / "p"), str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
-    from pinchgate.models import load_ctc_model
+    from pinchgate.families.ctc import load_ctc_model
 
     model = load_ctc_model(tmp_path / "hf")
     assert model.lm_head.weight.shape[0] == len(json.loads((sparse_dir / "vocab.json").read_text()))
@@ -288,7 +291,7 @@ def onnx_run(tmp_path_factory, tiny_model_dir, toy_corpus):
     returns attention masks, so the graph takes one): (packed dir, onnx file, output)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from pinchgate.models import build_model, feature_extractor_for
+    from pinchgate.families.ctc import build_model, feature_extractor_for
 
     root = tmp_path_factory.mktemp("onnx")
     vocab_size = len(json.loads((tiny_model_dir / "vocab.json").read_text()))
@@ -296,7 +299,7 @@ def onnx_run(tmp_path_factory, tiny_model_dir, toy_corpus):
     model.save_pretrained(root / "dense")
     feature_extractor_for(model.config).save_pretrained(root / "dense")
     shutil.copy2(tiny_model_dir / "vocab.json", root / "dense")
-    export.pack(harden(root / "dense", root / "model", 0.25), root / "packed")
+    packing.pack(harden(root / "dense", root / "model", 0.25), root / "packed")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = root / "onnx" / "model.onnx"
@@ -335,9 +338,9 @@ def test_onnx_model_decodes_like_the_pytorch_model(onnx_run, toy_corpus, one_thr
     assert found["onnx"]["words"] == found["torch"]["words"] > 0
     assert found["max_abs_diff"] < 1e-4
     # The wrapper counts output frames as the PyTorch model does, for unpadding.
-    model = export.load(packed)
+    model = packing.load_packed(packed)
     lengths = torch.tensor([400, 16000, 23456])
-    wrapper = export.OnnxCTCModel(path, model.config)
+    wrapper = OnnxCTCModel(path, model.config)
     assert torch.equal(
         wrapper._get_feat_extract_output_lengths(lengths),
         model._get_feat_extract_output_lengths(lengths),
@@ -351,11 +354,11 @@ def test_onnx_matches_pytorch_at_new_batch_sizes_and_lengths(onnx_run, one_threa
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["input_values", "attention_mask"]
     assert [o.name for o in graph.output] == ["logits"]
-    model = export.load(packed)
+    model = packing.load_packed(packed)
     generator = torch.Generator().manual_seed(0)
     for batch, samples in ((1, 5000), (4, 9001)):  # the export example was (2, 16000)
         audio = torch.randn(batch, samples, generator=generator)
         mask = torch.ones(batch, samples, dtype=torch.long)
         mask[-1, samples // 2 :] = 0
-        assert export.onnx_max_abs_diff(path, model, audio, mask) < 1e-4
-        assert export.onnx_max_abs_diff(path, model, audio) < 1e-4  # no padding: all ones
+        assert onnx_max_abs_diff(path, model, audio, mask) < 1e-4
+        assert onnx_max_abs_diff(path, model, audio) < 1e-4  # no padding: all ones

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pinchgate.errors import ModelLoadError
-from pinchgate.models import build_model, count_parameters, load_config, load_ctc_model
+from pinchgate.families import count_parameters
+from pinchgate.families.ctc import build_model, load_config, load_ctc_model
 
 
 def test_count_parameters_adds_up():

@@ -12,19 +12,24 @@ from torch.nn.utils import parametrize
 from typer.testing import CliRunner
 
 import runs
-from pinchgate import export
+from pinchgate import export, packing
 from pinchgate.cli import app
-from pinchgate.compress import CompressConfig, run_compress
+from pinchgate.compress import run_compress
+from pinchgate.config import CompressConfig
 from pinchgate.errors import PinchgateError
-from pinchgate.models import build_model, count_parameters, load_ctc_model
-from pinchgate.sparsity import SparsityController
-from pinchgate.structured import (
-    StructuredGateConfig,
-    attach_structured_gates,
+from pinchgate.families import count_parameters
+from pinchgate.families.ctc import (
+    build_model,
     encoder_blocks,
+    load_ctc_model,
     load_shrunk,
     save_shrunk,
     shrink,
+)
+from pinchgate.sparsity import SparsityController
+from pinchgate.structured_gates import (
+    StructuredGateConfig,
+    attach_structured_gates,
     structured_gates_of,
 )
 
@@ -44,7 +49,7 @@ def tiny(kind: str = "wav2vec2", seed: int = 0) -> torch.nn.Module:
         ).eval()  # fmt: skip
     from transformers import HubertConfig, HubertForCTC
 
-    from pinchgate.models import TINY_CONFIG
+    from pinchgate.families.ctc import TINY_CONFIG
 
     torch.manual_seed(seed)
     config = HubertConfig(**{**TINY_CONFIG, "num_attention_heads": HEADS}, vocab_size=12)
@@ -147,14 +152,18 @@ def test_attach_refuses_a_second_time_and_models_without_blocks():
     attach_structured_gates(model)
     with pytest.raises(ValueError, match="already attached"):
         attach_structured_gates(model)
-    with pytest.raises(ValueError, match="no transformer blocks"):
+    with pytest.raises(ValueError, match="no structured units known for Sequential"):
         attach_structured_gates(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    without_blocks = build_model(12)
+    without_blocks.wav2vec2.encoder.layers = torch.nn.ModuleList()
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        attach_structured_gates(without_blocks)
 
 
 def test_wavlm_attention_is_refused_clearly():
     from transformers import WavLMConfig, WavLMForCTC
 
-    from pinchgate.models import TINY_CONFIG
+    from pinchgate.families.ctc import TINY_CONFIG
 
     model = WavLMForCTC(WavLMConfig(**TINY_CONFIG, vocab_size=12))
     with pytest.raises(ValueError, match="per-head parameters"):
@@ -323,9 +332,9 @@ def test_export_and_reload_round_trip(tmp_path):
         assert count_parameters(loaded)["total"] == count_parameters(small)["total"]
         assert (logits(loaded, x) - expected).abs().max() < 1e-5
     # Packed (compact) form of the shrunken model reads back through the same structure.
-    export.pack(path, tmp_path / "packed", allow_dense=True)
-    assert (logits(export.load(tmp_path / "packed"), x) - expected).abs().max() < 1e-5
-    export.unpack(tmp_path / "packed", tmp_path / "unpacked")
+    packing.pack(path, tmp_path / "packed", allow_dense=True)
+    assert (logits(packing.load_packed(tmp_path / "packed"), x) - expected).abs().max() < 1e-5
+    packing.unpack(tmp_path / "packed", tmp_path / "unpacked")
     assert (logits(export.load_any(tmp_path / "unpacked"), x) - expected).abs().max() < 1e-5
     # Shrinking a shrunken model keeps the original head indices.
     again = shrink(load_shrunk(path))
@@ -351,7 +360,7 @@ def test_reload_refuses_mismatched_files(tmp_path):
 
 
 def test_cli_shrink_of_a_hardened_directory(tmp_path, tiny_model_dir):
-    from pinchgate.models import load_ctc_model
+    from pinchgate.families.ctc import load_ctc_model
 
     model = load_ctc_model(tiny_model_dir)
     prune_by_hand(model)

@@ -105,14 +105,14 @@ def test_two_processes_agree_on_the_weights(toy_corpus, tmp_path):
 def test_non_finite_loss_stops_with_the_step(toy_corpus, tmp_path):
     import torch
 
-    from pinchgate.train import TrainHooks
+    from pinchgate.methods.base import CompressionMethod
 
-    def poisoned(model, step):  # a loss term that turns NaN at the third step
-        value = float("nan") if step == 2 else 0.0
-        return torch.tensor(value), {}
+    class Poisoned(CompressionMethod):  # a loss term that turns NaN at the third step
+        def sparsity_term(self, model, step):
+            return torch.tensor(float("nan") if step == 2 else 0.0), {}
 
     cfg = tiny_config(toy_corpus, tmp_path / "run", max_steps=5, save_every=1)
     with pytest.raises(PinchgateError, match="non-finite loss .* at step 3"):
-        run_finetune(cfg, hooks=TrainHooks(extra_loss=poisoned))
+        run_finetune(cfg, Poisoned(cfg, tmp_path / "run"))
     # The checkpoints before it are intact.
     assert (tmp_path / "run" / "checkpoints" / "step-0000002").is_dir()

@@ -134,8 +134,10 @@ def compress(
     method: Annotated[
         str | None,
         Opt(
-            help="gates (default) or a baseline: dense, ump, gmp-global, gmp, parp, str; "
-            "options as NAME:key=value,... (docs/baselines.md)."
+            help="gates (default), structured (whole FFN neurons and attention heads; also "
+            "writes the physically smaller model-shrunk/) or a baseline: dense, ump, "
+            "global-magnitude, gmp, parp, str; options as NAME:key=value,... "
+            "(docs/baselines.md)."
         ),
     ] = None,
     target_ratio: Annotated[
@@ -152,10 +154,7 @@ def compress(
     mixed_precision: Annotated[str | None, Opt(help="auto, no, fp16 or bf16.")] = None,
     granularity: Annotated[
         str | None,
-        Opt(
-            help="What a gate prunes: weight (default) or structured (whole FFN neurons and "
-            "attention heads; also writes the physically smaller model-shrunk/)."
-        ),
+        Opt(help="Deprecated: 'structured' is --method structured."),
     ] = None,
     tying: Annotated[str | None, Opt(help="Threshold tying: matrix, block or global.")] = None,
     tau_rel: Annotated[float | None, Opt(help="tau = tau_rel x mean(W^2) per layer.")] = None,
@@ -192,7 +191,7 @@ def compress(
     log_every: Annotated[int | None, Opt(help="Steps between log lines.")] = None,
     eval_every: Annotated[int | None, Opt(help="Steps between dev evaluations.")] = None,
 ) -> None:
-    """Compress in one pass: CTC fine-tuning with self-pinching gates to a target ratio.
+    """Compress in one pass: fine-tuning with self-pinching gates to a target ratio.
 
     With no options it runs the embedded default. Writes the hardened model (a stock HF
     directory), report.md / report.json, layers.csv and plots to the run directory.
@@ -232,36 +231,22 @@ def evaluate(
     word_score: Annotated[float, Opt(help="Score added per word (with --lm).")] = 0.0,
     beam_size: Annotated[int, Opt(help="Beam size (with --lm).")] = 50,
 ) -> None:
-    """CTC decoding with WER, CER and real-time factor; one JSON line per utterance.
+    """Decoding with WER, CER and real-time factor; one JSON line per utterance.
 
-    Greedy by default; with --lm a beam search that writes only the LM's words and scores
-    them with it (`pinchgate lm` builds one; needs `pip install 'pinchgate[lm]'`).
+    Greedy by default; with --lm (CTC models) a beam search that writes only the LM's words
+    and scores them with it (`pinchgate lm` builds one; needs `pip install 'pinchgate[lm]'`).
     """
-    from pinchgate.data.builtin import resolve_corpus
+    from pinchgate.data.builtin import corpus_label, resolve_corpus
     from pinchgate.data.corpus import load_corpus
-    from pinchgate.data.vocab import load_tokenizer
     from pinchgate.evaluate import evaluate_corpus
-    from pinchgate.models import feature_extractor_for, load_ctc_model
+    from pinchgate.families import family_for
 
-    if not (model_dir / "vocab.json").is_file():
-        raise PinchgateError(f"{model_dir}: no vocab.json: not a fine-tuned CTC model directory")
-    model = load_ctc_model(model_dir).to(device)
-    tokenizer = load_tokenizer(model_dir)
-    feature_extractor = feature_extractor_for(model.config, model_dir)
+    family = family_for(model_dir)
+    processor = family.load_processor(model_dir)
+    model = family.load(model_dir).to(device)
     decoder = None
     if lm is not None:
-        from pinchgate.lm import LexiconDecoder
-
-        vocab = tokenizer.get_vocab()
-        decoder = LexiconDecoder(
-            sorted(vocab, key=vocab.get),
-            lm,
-            lm_weight=lm_weight,
-            word_score=word_score,
-            beam_size=beam_size,
-            blank=tokenizer.pad_token,
-            delimiter=tokenizer.word_delimiter_token,
-        )
+        decoder = family.lm_decoder(processor, lm, lm_weight, word_score, beam_size)
         console.print(
             f"LM decoding: {lm}, {decoder.lexicon_size:,} lexicon words"
             + (
@@ -277,11 +262,11 @@ def evaluate(
     for spec in data:
         utterances, report = load_corpus(resolve_corpus(spec))
         console.print(report.summary(), highlight=False)
-        name = Path(spec.replace("toy:", "toy-")).name
+        name = corpus_label(spec)
         result = evaluate_corpus(
             model,
-            feature_extractor,
-            tokenizer,
+            family,
+            processor,
             utterances,
             name,
             output_dir / f"{name}.jsonl",
@@ -303,9 +288,9 @@ def info(
     model: Annotated[str, typer.Argument(help="HF model directory or hub id; 'toy'.")],
 ) -> None:
     """Parameter counts of a model: total, by module type, by component."""
-    from pinchgate.models import build_model, count_parameters, load_ctc_model
+    from pinchgate.families import count_parameters, family_for
 
-    loaded = build_model(32) if model == "toy" else load_ctc_model(model)
+    loaded = family_for(model).load(model)
     counts = count_parameters(loaded)
     typer.echo(f"{model}: {counts['total']:,} parameters ({type(loaded).__name__})")
     for title in ("by_type", "by_component"):
@@ -324,7 +309,7 @@ def vocab(
     from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import read_corpus
     from pinchgate.data.text import normalize_transcript
-    from pinchgate.data.vocab import build_vocab, save_vocab
+    from pinchgate.families.ctc_vocab import build_vocab, save_vocab
 
     utterances, _ = read_corpus(resolve_corpus(corpus))
     built = build_vocab(normalize_transcript(u.transcript) for u in utterances)
@@ -466,7 +451,7 @@ def data_check(
     """Read a corpus and report what would be kept and skipped, one line per problem."""
     from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import load_corpus
-    from pinchgate.data.vocab import load_tokenizer, vocab_characters
+    from pinchgate.families.ctc_vocab import load_tokenizer, vocab_characters
 
     chars = vocab_characters(load_tokenizer(vocab_file)) if vocab_file else None
     _, report = load_corpus(resolve_corpus(corpus), chars, max_duration)
@@ -486,7 +471,7 @@ def pack(
     ] = False,
 ) -> None:
     """Write the compact sparse form: one model.pinch.safetensors plus config and tokenizer."""
-    from pinchgate.export import pack as pack_model
+    from pinchgate.packing import pack as pack_model
 
     report = pack_model(model_dir, output, values=values, allow_dense=allow_dense)
     typer.echo(report.table())
@@ -500,7 +485,7 @@ def unpack(
     output: Annotated[Path, typer.Argument(help="Directory for the stock HF model (new).")],
 ) -> None:
     """Expand a packed model back to a stock Hugging Face directory (model.safetensors)."""
-    from pinchgate.export import unpack as unpack_model
+    from pinchgate.packing import unpack as unpack_model
 
     unpack_model(packed, output)
     typer.echo(f"HF model directory in {output}")
@@ -524,31 +509,21 @@ def export(
         ),
     ] = None,
 ) -> None:
-    """Export to ONNX with dynamic batch and length (input_values -> logits)."""
-    import torch
-
-    from pinchgate.data.builtin import resolve_corpus
+    """Export to ONNX with dynamic batch and length (CTC: input_values -> logits)."""
+    from pinchgate.data.builtin import corpus_label, resolve_corpus
     from pinchgate.data.corpus import load_corpus
-    from pinchgate.export import check_onnx_on_corpus, export_onnx, load_any, onnx_max_abs_diff
+    from pinchgate.export import check_onnx_on_corpus, export_onnx, onnx_random_difference
 
     if output_format != "onnx":
         raise PinchgateError(f"--format {output_format!r}: only onnx is supported")
     export_onnx(model_dir, output, opset=opset)
     typer.echo(f"ONNX model in {output}")
     if check:
-        model = load_any(model_dir)
-        generator = torch.Generator().manual_seed(0)
-        diffs = []
-        # Shapes other than the export example's, a padded row included.
-        for batch, samples in ((1, 20480), (3, 12345)):
-            audio = torch.randn(batch, samples, generator=generator)
-            mask = torch.ones(batch, samples, dtype=torch.long)
-            mask[-1, samples * 3 // 4 :] = 0
-            diffs.append(onnx_max_abs_diff(output, model, audio, mask))
-        typer.echo(f"max |logit difference| onnxruntime vs PyTorch: {max(diffs):.3g}")
+        difference = onnx_random_difference(output, model_dir)
+        typer.echo(f"max |logit difference| onnxruntime vs PyTorch: {difference:.3g}")
     for spec in check_data or []:
         utterances, _ = load_corpus(resolve_corpus(spec))
-        name = Path(spec.replace("toy:", "toy-").replace("embedded:", "embedded-")).name
+        name = corpus_label(spec)
         found = check_onnx_on_corpus(output, model_dir, utterances, name)
         typer.echo(
             f"{name}: WER PyTorch {100 * found['torch']['wer']:.2f}%, onnxruntime "
@@ -569,7 +544,7 @@ def shrink(
 
     Reads back with pinchgate (load_any / export); config.json records the per-layer sizes.
     """
-    from pinchgate.structured import shrink_dir
+    from pinchgate.export import shrink_dir
 
     result = shrink_dir(model_dir, output)
     for i, layer in enumerate(result["structure"]["layers"]):

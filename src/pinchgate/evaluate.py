@@ -1,10 +1,10 @@
-"""CTC decoding (greedy, or a lexicon + LM beam search from pinchgate.lm), WER/CER scoring
-with jiwer, per-utterance output, real-time factor.
+"""Decoding through the model's family, WER/CER scoring with jiwer, per-utterance output,
+real-time factor.
 
-Scoring normalisation: references and hypotheses both go through
-`pinchgate.data.text.normalize_transcript` (upper-case, punctuation removed, whitespace
-collapsed) before jiwer counts word and character errors, so the WER is on exactly what
-the model is trained to write.
+Scoring normalisation: references and hypotheses both go through the family's
+`normalize` before jiwer counts word and character errors (for CTC models
+`pinchgate.data.text.normalize_transcript`: upper-case, punctuation removed, whitespace
+collapsed, so the WER is on exactly what the model is trained to write).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pinchgate.data.audio import load_audio
 from pinchgate.data.batching import bucket_batches
 from pinchgate.data.corpus import Utterance
 from pinchgate.data.text import normalize_transcript
+from pinchgate.families import ModelFamily
 
 
 @dataclass
@@ -50,51 +51,38 @@ class EvalResult:
 @torch.no_grad()
 def transcribe(
     model: torch.nn.Module,
-    feature_extractor,
-    tokenizer,
+    family: ModelFamily,
+    processor,
     utterances: list[Utterance],
     batch_seconds: float = 200.0,
     decoder=None,
 ) -> tuple[list[str], float]:
-    """CTC hypotheses in input order, and the seconds spent in the model and decoder.
+    """Hypotheses in input order, normalised, and the seconds spent in the model and decoder.
 
-    Greedy unless `decoder` is given: an object whose `decode(log_probs)` turns one
-    utterance's (frames, tokens) log-probabilities into text (pinchgate.lm.LexiconDecoder).
+    Greedy unless `decoder` is given (for CTC: an object whose `decode(log_probs)` turns one
+    utterance's (frames, tokens) log-probabilities into text, pinchgate.lm.LexiconDecoder).
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    sample_rate = feature_extractor.sampling_rate
+    sample_rate = family.sampling_rate(processor)
     durations = [u.duration or 0.0 for u in utterances]
     hypotheses: list[str] = [""] * len(utterances)
     compute_seconds = 0.0
     for batch in bucket_batches(durations, batch_seconds, shuffle=False):
         audio = [load_audio(utterances[i].audio_path, sample_rate) for i in batch]
         start = time.perf_counter()
-        features = feature_extractor(
-            audio, sampling_rate=sample_rate, padding=True, return_tensors="pt"
-        )
-        inputs = {k: v.to(device) for k, v in features.items()}
-        logits = model(**inputs).logits
-        frames = model._get_feat_extract_output_lengths(torch.tensor([len(a) for a in audio]))
-        if decoder is None:
-            ids = logits.argmax(dim=-1).cpu()
-            # Padded frames are cut off so they cannot add characters to short utterances.
-            texts = tokenizer.batch_decode([ids[row, : int(n)] for row, n in enumerate(frames)])
-        else:
-            log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            texts = [decoder.decode(log_probs[row, : int(n)]) for row, n in enumerate(frames)]
+        texts = family.decode(model, processor, audio, decoder)
         compute_seconds += time.perf_counter() - start
         for i, text in zip(batch, texts, strict=True):
-            hypotheses[i] = normalize_transcript(text)
+            hypotheses[i] = family.normalize(text)
     model.train(was_training)
     return hypotheses, compute_seconds
 
 
-def score(references: list[str], hypotheses: list[str]) -> dict:
+def score(references: list[str], hypotheses: list[str], normalize=normalize_transcript) -> dict:
     """Corpus-level WER and CER and the error counts, after normalisation."""
-    refs = [normalize_transcript(r) for r in references]
-    hyps = [normalize_transcript(h) for h in hypotheses]
+    refs = [normalize(r) for r in references]
+    hyps = [normalize(h) for h in hypotheses]
     if not any(refs):
         raise ValueError("cannot score: every reference is empty")
     words = jiwer.process_words(refs, hyps)
@@ -120,8 +108,8 @@ def utterance_errors(reference: str, hypothesis: str) -> tuple[int, int]:
 
 def evaluate_corpus(
     model: torch.nn.Module,
-    feature_extractor,
-    tokenizer,
+    family: ModelFamily,
+    processor,
     utterances: list[Utterance],
     name: str,
     output_path: str | Path | None = None,
@@ -130,10 +118,10 @@ def evaluate_corpus(
 ) -> EvalResult:
     """Decode, score, and write one JSON line per utterance (id, ref, hyp, errors)."""
     hypotheses, compute_seconds = transcribe(
-        model, feature_extractor, tokenizer, utterances, batch_seconds, decoder
+        model, family, processor, utterances, batch_seconds, decoder
     )
-    references = [normalize_transcript(u.transcript) for u in utterances]
-    totals = score(references, hypotheses)
+    references = [family.normalize(u.transcript) for u in utterances]
+    totals = score(references, hypotheses, family.normalize)
     audio_seconds = sum(u.duration or 0.0 for u in utterances)
     if output_path is not None:
         write_hypotheses(output_path, utterances, references, hypotheses)

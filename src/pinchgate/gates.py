@@ -5,8 +5,8 @@ A gated weight W is replaced, through ``torch.nn.utils.parametrize``, by ``W * M
     M = sigmoid((W**2 - t**2) / (2 * tau))
 
 where ``t`` is a learnable threshold shared by every weight of a matrix (or of a block, or of
-the whole model) and ``tau`` a temperature. No model code is edited, so any Hugging Face CTC
-model (wav2vec2, HuBERT, WavLM, Data2VecAudio) or plain ``nn.Module`` can be gated.
+the whole model) and ``tau`` a temperature. No model code is edited (``pinchgate.masking``),
+so any model of a family (``pinchgate.families``) or plain ``nn.Module`` can be gated.
 
 Engineering choices (see METHOD.md, "ours"):
 
@@ -50,30 +50,24 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+
+from pinchgate import masking
+from pinchgate.families import family_for_model
 
 BANK_NAME = "thresholds"  # attribute of the first gate that owns the ThresholdBank
 TYING_MODES = ("matrix", "block", "global")
 Tying = Literal["matrix", "block", "global"]
 
-# Default targets for Hugging Face wav2vec2 / HuBERT / WavLM / Data2VecAudio CTC models
-# (regular expressions matched against the whole dotted module name).
-HF_ENCODER_LAYERS = r"(?:.*\.)?encoder\.layers\.\d+\..+"
-HF_FEATURE_PROJECTION = r"(?:.*\.)?feature_projection\.projection"
-HF_POS_CONV = r"(?:.*\.)?encoder\.pos_conv_embed\.(?:conv|layers\.\d+\.conv)"
-HF_FEATURE_ENCODER = r"(?:.*\.)?feature_extractor\.conv_layers\.\d+\.conv"
-HF_CTC_HEAD = r"(?:.*\.)?lm_head"
 
-# A transformer block is the prefix up to "layers.<i>" / "blocks.<i>" ("conv_layers" is not one).
+# A transformer block is the prefix up to "layers.<i>" / "blocks.<i>" (a part merely ending
+# in "layers", such as a CNN's, is not one).
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|blocks)\.\d+\.")
-_GATEABLE_TYPES = (nn.Linear, nn.Conv1d)
 _MIN_MEAN_SQUARE = 1e-20  # keeps tau and the RMS scale positive for an all-zero weight
 
 
@@ -82,9 +76,11 @@ class GateConfig:
     """Where gates go and how they start.
 
     ``include`` / ``exclude`` are regular expressions matched (``re.fullmatch``) against dotted
-    module names; ``include=None`` selects the Hugging Face defaults: every Linear inside the
-    transformer encoder layers plus the feature projection. ``include_pos_conv`` and
-    ``include_feature_encoder`` add those convolutions to either kind of include list.
+    module names; ``include=None`` selects the model family's defaults (for CTC models every
+    Linear inside the transformer encoder layers plus the feature projection) and
+    ``exclude=None`` the family's exclusions (the CTC head). ``extras`` names optional
+    groups of the family (CTC: ``pos_conv``, ``feature_encoder``) added to either kind of
+    include list.
 
     Defaults come from a toy study only (3-layer MLP, perturbed "pretrained" start, 300 steps,
     targets 0.5 / 0.75 / 0.9), to be re-checked on speech models: with ``tau_rel`` 0.05 the
@@ -99,10 +95,9 @@ class GateConfig:
     tau_rel: float = 0.2
     threshold_init_rel: float = 0.3
     tying: Tying = "matrix"
-    include_pos_conv: bool = False
-    include_feature_encoder: bool = False
+    extras: tuple[str, ...] = ()
     include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = (HF_CTC_HEAD,)
+    exclude: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.tau_rel > 0:
@@ -115,19 +110,35 @@ class GateConfig:
         # YAML gives lists; keep the config hashable and printable the same way.
         if self.include is not None:
             self.include = tuple(self.include)
-        self.exclude = tuple(self.exclude)
+        if self.exclude is not None:
+            self.exclude = tuple(self.exclude)
+        self.extras = tuple(self.extras)
 
-    def patterns(self) -> tuple[str, ...]:
-        """The include patterns in effect."""
-        if self.include is None:
-            pats: tuple[str, ...] = (HF_ENCODER_LAYERS, HF_FEATURE_PROJECTION)
-        else:
-            pats = tuple(self.include)
-        if self.include_pos_conv:
-            pats += (HF_POS_CONV,)
-        if self.include_feature_encoder:
-            pats += (HF_FEATURE_ENCODER,)
-        return pats
+    def patterns(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The (include, exclude) patterns in effect on ``model``."""
+        include, exclude = self.include, self.exclude
+        if include is not None and exclude is not None and not self.extras:
+            return include, exclude
+        try:
+            family = family_for_model(model)
+        except ValueError:  # a plain module: only the patterns given
+            if include is None or self.extras:
+                raise ValueError(
+                    f"no default gate targets for {type(model).__name__}: it has no config "
+                    "naming a model family; give include patterns"
+                ) from None
+            return include, ()
+        default_include, default_exclude = family.gate_targets()
+        available = family.gate_extras()
+        unknown = [name for name in self.extras if name not in available]
+        if unknown:
+            raise ValueError(
+                f"{family.name} models have no optional gate group {', '.join(unknown)} "
+                f"(they have: {', '.join(available) or 'none'})"
+            )
+        include = default_include if include is None else include
+        include += tuple(available[name] for name in available if name in self.extras)
+        return include, default_exclude if exclude is None else exclude
 
 
 class _PinchFunction(torch.autograd.Function):
@@ -242,7 +253,7 @@ class SelfPinchingGate(nn.Module):
         self.tau_base_value = float(self.tau_base)
         self.weight_numel = 0  # set by attach_gates
         self._plist: nn.Module | None = None  # the ParametrizationList holding this gate
-        self._param_order: list[str] = []  # the module's parameter order before attaching
+        self.param_order: list[str] = []  # the module's parameter order before attaching
         self._cache: tuple[Tensor, Tensor, tuple] | None = None
 
     @property
@@ -331,19 +342,11 @@ class GatedLayer:
 
     @property
     def position(self) -> int:
-        return _gate_position(self.module)
+        return masking.position(self.module, SelfPinchingGate)
 
     def pre_gate_weight(self) -> Tensor:
         """The weight the gate sees (the raw parameter, or e.g. the weight-normed kernel)."""
-        plist = self.module.parametrizations.weight
-        pos = self.position
-        if plist.is_tensor:
-            x = plist.original if pos == 0 else plist[0](plist.original)
-        else:
-            x = plist[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
-        for i in range(1, pos):
-            x = plist[i](x)
-        return x
+        return masking.weight_before(self.module, self.position)
 
     def hard_mask(self) -> Tensor:
         """The exact binary mask 1[|W| > t] (or the frozen one)."""
@@ -387,17 +390,8 @@ class HardenResult:
         return 1.0 - self.kept / self.total
 
 
-def _gate_position(module: nn.Module) -> int:
-    for i, p in enumerate(module.parametrizations.weight):
-        if isinstance(p, SelfPinchingGate):
-            return i
-    raise ValueError(f"{type(module).__name__} has no self-pinching gate")
-
-
-def _has_gate(module: nn.Module) -> bool:
-    return parametrize.is_parametrized(module, "weight") and any(
-        isinstance(p, SelfPinchingGate) for p in module.parametrizations.weight
-    )
+def has_gate(module: nn.Module) -> bool:
+    return masking.has(module, SelfPinchingGate)
 
 
 def _block_key(name: str) -> str:
@@ -405,7 +399,9 @@ def _block_key(name: str) -> str:
     return name if match is None else name[: match.end() - 1]
 
 
-def _tie_key(name: str, tying: str) -> str:
+def tie_key(name: str, tying: str) -> str:
+    """The name of the threshold a layer shares under ``tying``: its own, its transformer
+    block's, or the model's one."""
     if tying == "global":
         return "global"
     if tying == "block":
@@ -413,50 +409,20 @@ def _tie_key(name: str, tying: str) -> str:
     return name
 
 
-def _select_targets(model: nn.Module, cfg: GateConfig) -> list[tuple[str, nn.Module]]:
-    includes = [re.compile(p) for p in cfg.patterns()]
-    excludes = [re.compile(p) for p in cfg.exclude]
-    targets: list[tuple[str, nn.Module]] = []
-    seen: dict[int, str] = {}
-    for name, module in model.named_modules():
-        if not name or not isinstance(module, _GATEABLE_TYPES):
-            continue
-        if not any(p.fullmatch(name) for p in includes) or any(p.fullmatch(name) for p in excludes):
-            continue
-        if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
-            # Hook-based torch.nn.utils.weight_norm recomputes .weight itself: cannot chain.
-            warnings.warn(
-                f"skipping {name}: it uses hook-based weight_norm (weight_g/weight_v); "
-                "only parametrize-based weight_norm can be gated",
-                stacklevel=3,
-            )
-            continue
-        if parametrize.is_parametrized(module, "weight"):
-            key = id(module.parametrizations.weight)
-        else:
-            key = id(module.weight)
-        if key in seen:
-            raise ValueError(
-                f"{name} shares its weight with {seen[key]}: tied weights are not gated"
-            )
-        seen[key] = name
-        targets.append((name, module))
-    return targets
-
-
 def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GatedModel:
     """Register a self-pinching gate on the weight of every selected layer of ``model``."""
     cfg = cfg or GateConfig()
-    if any(_has_gate(m) for m in model.modules()):
+    if any(has_gate(m) for m in model.modules()):
         raise ValueError(f"gates are already attached to this {type(model).__name__}")
-    targets = _select_targets(model, cfg)
+    include, exclude = cfg.patterns(model)
+    targets = masking.select_targets(model, include, exclude)
     if not targets:
         raise ValueError(
             f"no gateable layers found in {type(model).__name__}; patterns: "
-            f"{list(cfg.patterns())}; exclude: {list(cfg.exclude)} "
-            f"(gateable types: Linear, Conv1d; patterns are full-match regexes on module names)"
+            f"{list(include)}; exclude: {list(exclude)} (gateable types: Linear, Conv1d, "
+            "Embedding; patterns are full-match regexes on module names)"
         )
-    keys = [_tie_key(name, cfg.tying) for name, _ in targets]
+    keys = [tie_key(name, cfg.tying) for name, _ in targets]
     group_names = list(dict.fromkeys(keys))
     group_index = {k: i for i, k in enumerate(group_names)}
     sumsq = [0.0] * len(group_names)
@@ -477,10 +443,9 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GatedModel:
     bank = ThresholdBank(group_names, scales, cfg.threshold_init_rel)
     for i, ((name, module), key, ms) in enumerate(zip(targets, keys, mean_squares, strict=True)):
         gate = SelfPinchingGate(name, bank, group_index[key], cfg.tau_rel * ms, owns_bank=i == 0)
-        gate._param_order = list(module._parameters.keys())
         gate.weight_numel = module.weight.numel()
         gate.to(module.weight.device)
-        parametrize.register_parametrization(module, "weight", gate)
+        masking.attach(module, gate)
         # A plain reference (not a submodule: the list already owns the gate).
         object.__setattr__(gate, "_plist", module.parametrizations.weight)
         gate._cache = None  # the registration checks ran a forward; do not keep its graph
@@ -535,14 +500,14 @@ class GatedModel(GateControls):
         self.model = model
         self.layers: list[GatedLayer] = []
         for name, module in model.named_modules():
-            if _has_gate(module):
-                gate = module.parametrizations.weight[_gate_position(module)]
+            if has_gate(module):
+                gate = module.parametrizations.weight[masking.position(module, SelfPinchingGate)]
                 self.layers.append(GatedLayer(name, module, gate))
         if not self.layers:
             raise ValueError(f"no self-pinching gates are attached to this {type(model).__name__}")
         self.bank: ThresholdBank = self.layers[0].gate.bank
 
-    # --- inventory -------------------------------------------------------------------------
+    # --- inventory ----------------------------------------------------------------------------
     @property
     def numel(self) -> int:
         """Number of gated weights."""
@@ -557,7 +522,7 @@ class GatedModel(GateControls):
         values = self.bank.thresholds().detach().cpu().tolist()
         return {layer.name: values[layer.gate.index] for layer in self.layers}
 
-    # --- kept fractions --------------------------------------------------------------------
+    # --- kept fractions -----------------------------------------------------------------------
     def kept_fractions(self) -> KeptFractions:
         """Soft and hard kept fractions, reusing the masks of the last forward when current."""
         softs, hards = [], []
@@ -590,7 +555,7 @@ class GatedModel(GateControls):
             )
         return stats
 
-    # --- controls --------------------------------------------------------------------------
+    # --- controls -----------------------------------------------------------------------------
     def target_kept(self, target_sparsity: float) -> int:
         """Gated weights kept at a gated sparsity (the baselines round the same way)."""
         return round((1.0 - target_sparsity) * self.numel)
@@ -692,18 +657,13 @@ class GatedModel(GateControls):
         with torch.no_grad():
             for layer in self.layers:
                 mask = layer.hard_mask()
-                module, plist = layer.module, layer.module.parametrizations.weight
-                if len(plist) == 1:
-                    _remove_only_gate(module, layer.gate)
-                    module.weight.masked_fill_(~mask, 0)
-                else:
-                    if layer.position != len(plist) - 1:
-                        raise ValueError(f"{layer.name}: cannot harden a gate that is not last")
-                    effective = layer.pre_gate_weight().detach().masked_fill(~mask, 0)
-                    del plist[layer.position]
-                    # Writes back through the remaining parametrizations (e.g. weight_norm's
-                    # right_inverse), so the effective weight is exactly the masked one.
-                    module.weight = effective
+                plist = layer.module.parametrizations.weight
+                if layer.position != len(plist) - 1:
+                    raise ValueError(f"{layer.name}: cannot harden a gate that is not last")
+                # Written back through any remaining parametrization (e.g. weight_norm's
+                # right_inverse), so the effective weight is exactly the masked one.
+                effective = layer.pre_gate_weight().detach().masked_fill(~mask, 0)
+                masking.detach(layer.module, layer.position, layer.gate.param_order, effective)
         self._forget()
         kept = sum(s.kept for s in stats)
         return HardenResult(kept=kept, total=sum(s.numel for s in stats), layers=stats)
@@ -711,26 +671,13 @@ class GatedModel(GateControls):
     def detach(self) -> None:
         """Remove every gate, leaving the original unmasked weights (as before attaching)."""
         for layer in self.layers:
-            plist = layer.module.parametrizations.weight
-            if len(plist) == 1:
-                _remove_only_gate(layer.module, layer.gate)
-            else:
-                del plist[layer.position]
+            masking.detach(layer.module, layer.position, layer.gate.param_order)
         self._forget()
 
     def _forget(self) -> None:
         for layer in self.layers:
             layer.gate._cache = None  # drop any graph still referenced
         self.layers = []
-
-
-def _remove_only_gate(module: nn.Module, gate: SelfPinchingGate) -> None:
-    # leave_parametrized=False puts the original Parameter object back (optimisers keep it).
-    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-    params = module._parameters
-    for key in gate._param_order:  # restore the pre-attach order (and so state_dict order)
-        if key in params:
-            params[key] = params.pop(key)
 
 
 def gates_of(model: nn.Module) -> GatedModel:

@@ -30,6 +30,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from pinchgate.config import CONTROLS
+
 
 def _check_counts(total_params: int, gated_params: int) -> None:
     if total_params <= 0:
@@ -74,9 +76,6 @@ def compression_ratio_for_gated_sparsity(
     if not 0.0 <= gated_sparsity < 1.0:
         raise ValueError(f"gated sparsity must be in [0, 1), got {gated_sparsity}")
     return total_params / (total_params - gated_sparsity * gated_params)
-
-
-CONTROLS = ("lagrangian", "penalty")
 
 
 class SparsityController(nn.Module):

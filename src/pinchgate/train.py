@@ -1,9 +1,11 @@
-"""Dense CTC fine-tuning on Hugging Face accelerate: CPU, one GPU, or many via accelerate launch.
+"""The training loop, for dense fine-tuning and for every compression method.
 
-Read top to bottom: set up the run directory, data, vocabulary and model; resume from the
-last checkpoint if one exists; then batch in, loss out, step, log, checkpoint; finally
-save the model and evaluate it. `TrainHooks` lets the compression loop add its loss term,
-parameters and state without a second copy of this loop.
+Read `run_finetune` top to bottom: set up the run (directory, processes), the processor,
+data and model (through the model's family), the method and the optimiser; resume from the
+last checkpoint if one exists; then the loop, where every step is visible: batch in, task
+loss plus the method's sparsity term, backward, optimiser step, the method's after-step,
+log, evaluate, checkpoint. At the end the method hardens the model, which is saved, read
+back as exported and scored.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,35 +27,13 @@ from transformers import get_scheduler
 
 from pinchgate import checkpoint as ckpt
 from pinchgate.config import FinetuneConfig
-from pinchgate.data.batching import CTCCollator, SpeechDataset, bucket_batches
-from pinchgate.data.builtin import resolve_corpus
+from pinchgate.data.batching import SpeechDataset, bucket_batches
+from pinchgate.data.builtin import corpus_label, resolve_corpus
 from pinchgate.data.corpus import CorpusReport, Utterance, load_corpus, read_corpus
-from pinchgate.data.text import normalize_transcript
-from pinchgate.data.vocab import build_vocab, load_tokenizer, save_vocab, vocab_characters
 from pinchgate.errors import PinchgateError
 from pinchgate.evaluate import EvalResult, evaluate_corpus
-from pinchgate.models import (
-    build_model,
-    count_parameters,
-    feature_extractor_for,
-    is_local_model,
-    load_config,
-    load_ctc_model,
-)
-
-
-@dataclass
-class TrainHooks:
-    """What a method adds to plain fine-tuning (the gates add a sparsity term, for example)."""
-
-    extra_loss: Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict]] | None = None
-    param_groups: Callable[[torch.nn.Module], list[dict]] | None = None
-    after_step: Callable[[torch.nn.Module, int], dict] | None = None
-    state: Callable[[], dict] | None = None
-    load_state: Callable[[dict], None] | None = None
-    # Turns the trained model into the one exported (e.g. harden the masks); every process.
-    finalize: Callable[[torch.nn.Module], dict] | None = None
-    unused_parameters: bool = False  # some parameters may get no gradient in a step (DDP)
+from pinchgate.families import ModelFamily, count_parameters, family_for
+from pinchgate.methods.base import CompressionMethod
 
 
 @dataclass
@@ -72,28 +52,145 @@ def resolve_mixed_precision(requested: str) -> str:
     return "no"
 
 
-def prepare_tokenizer(cfg: FinetuneConfig, run_dir: Path, train_raw: list[Utterance]):
-    """The run's vocabulary: kept from an earlier start of this run, else the one given,
-    else the model's own, else built from the training transcripts. Returns
-    (tokenizer, head_is_new)."""
-    saved = run_dir / "vocab.json"
-    model_vocab = (
-        Path(cfg.model) / "vocab.json" if cfg.model != "toy" and is_local_model(cfg.model) else None
+def run_finetune(
+    cfg: FinetuneConfig,
+    method: CompressionMethod | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Train (or resume) the run in `cfg.output_dir`, with `method` if one is given."""
+    cfg.validate()
+    run_dir = Path(cfg.output_dir)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        kwargs_handlers=[ddp],
+        cpu=not torch.cuda.is_available(),  # lets torchrun on CPUs form a gloo group
     )
-    if saved.is_file():
-        source = saved
-    elif cfg.vocab:
-        source = Path(cfg.vocab)
-    elif model_vocab is not None and model_vocab.is_file():
-        source = model_vocab
-    else:
-        vocab = build_vocab(normalize_transcript(u.transcript) for u in train_raw)
-        source = save_vocab(vocab, saved)
-    tokenizer = load_tokenizer(source)
-    if not saved.is_file():
-        save_vocab(tokenizer.get_vocab(), saved)
-    head_is_new = cfg.new_head or source != model_vocab
-    return tokenizer, head_is_new
+    console = console or Console(stderr=True)
+    main = accelerator.is_main_process
+    say = console.print if main else (lambda *a, **k: None)
+    claim_run_dir(cfg, run_dir, accelerator)
+
+    # --- processor, data, model, method, optimiser --------------------------------------------
+    family = family_for(cfg.model)
+    processor, new_head = prepare_processor(cfg, family, run_dir, accelerator)
+    data = load_run_data(cfg, family.allowed_characters(processor))
+    report_data(data, run_dir, say, main)
+    set_seed(cfg.seed)
+    model = family.training_model(cfg, processor, new_head)
+    if method is not None:
+        method.attach(model)  # gates, masks, ...: before the optimiser sees the parameters
+    params = count_parameters(model)
+    say(f"model: {cfg.model} ({params['total']:,} parameters)")
+    unused = method is not None and method.unused_parameters
+    if unused or getattr(model.config, "layerdrop", 0.0) > 0:
+        ddp.find_unused_parameters = True  # dropped layers leave parameters without grads
+    optimizer = build_optimizer(model, cfg, method)
+    scheduler = get_scheduler(
+        cfg.scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+    checkpoints = Checkpoints(run_dir / "checkpoints", cfg, accelerator, method)
+    at = checkpoints.resume(model, optimizer, scheduler, say)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    bare = accelerator.unwrap_model(model)
+    batches = BatchStream(cfg, family, processor, data.train, accelerator, at)
+    log = TrainLog(cfg, run_dir, accelerator, console, at)
+
+    # --- the loop: batch in, loss out, step, log, evaluate, checkpoint ------------------------
+    model.train()
+    step = at.step
+    with log.progress:
+        while step < cfg.max_steps:
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, logs = 0.0, {}
+            for micro in range(cfg.grad_accum):
+                batch = batches.next()
+                last = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    loss = family.loss(model, batch)
+                    if method is not None:
+                        term, logs = method.sparsity_term(bare, step)
+                        if term is not None:
+                            loss = loss + term
+                    check_finite(loss, step, accelerator)
+                    accelerator.backward(loss / cfg.grad_accum)
+                step_loss += loss.detach().float().item() / cfg.grad_accum
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if method is not None:
+                logs.update(method.after_step(bare, step))
+            log.step(step, step_loss, grad_norm, scheduler.get_last_lr()[0], batches.epoch, logs)
+            if cfg.eval_every and step % cfg.eval_every == 0 and data.dev and step < cfg.max_steps:
+                if main:
+                    result = evaluate_corpus(
+                        bare, family, processor, data.dev, "dev", None, cfg.eval_batch_seconds
+                    )
+                    log.dev(step, result)
+                accelerator.wait_for_everyone()
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                checkpoints.save(step, bare, optimizer, scheduler, batches, log.elapsed())
+
+    # --- the model as exported, read back and scored ------------------------------------------
+    results: dict = {"steps": step, "train_seconds": log.elapsed(), "parameters": params}
+    summary = method.finalize(bare) if method is not None else None  # e.g. harden the masks
+    if summary is not None:
+        results.update(summary.to_results())
+    results["processes"] = accelerator.num_processes
+    if accelerator.num_processes > 1:  # data parallelism must leave identical replicas
+        digests = gather_object([weights_digest(bare)])
+        results["replicas_agree"] = len(set(digests)) == 1
+    if main:
+        model_dir = family.save(bare, processor, run_dir / "model")
+        # Scores come from the model as exported, read back as a user would load it.
+        exported = family.load(model_dir).to(accelerator.device)
+        results["eval"] = evaluate_sets(
+            exported, family, processor, data, run_dir, cfg.eval_batch_seconds, say
+        )
+        ckpt.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
+        say(f"run directory: {run_dir}  (model: {model_dir}, results.json)")
+    accelerator.wait_for_everyone()
+    log.close()
+    results.update(model=bare, family=family, processor=processor, data=data)
+    return results
+
+
+# --- setting up -------------------------------------------------------------------------------
+
+
+def claim_run_dir(cfg: FinetuneConfig, run_dir: Path, accelerator: Accelerator) -> None:
+    """A new run directory gets the config; an existing one must hold this very run."""
+    saved_cfg_path = run_dir / "config.yaml"
+    if saved_cfg_path.is_file():
+        differences = cfg.differences(type(cfg).load(saved_cfg_path))
+        if differences:
+            raise PinchgateError(
+                f"{run_dir}: holds a run with another configuration ({'; '.join(differences)}); "
+                "use another --output-dir or delete it"
+            )
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(saved_cfg_path, cfg.to_yaml())
+    accelerator.wait_for_everyone()
+
+
+def prepare_processor(
+    cfg: FinetuneConfig, family: ModelFamily, run_dir: Path, accelerator: Accelerator
+):
+    """The family's processor for the run; the main process makes (and saves) any
+    vocabulary first, the others read it."""
+    train_path = resolve_corpus(cfg.train)
+    if accelerator.is_main_process:
+        train_raw, _ = read_corpus(train_path)
+        prepared = family.prepare_processor(cfg, run_dir, [u.transcript for u in train_raw])
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        prepared = family.prepare_processor(cfg, run_dir, [])
+    return prepared
 
 
 def load_run_data(cfg: FinetuneConfig, vocab: set[str] | None) -> RunData:
@@ -112,7 +209,18 @@ def load_run_data(cfg: FinetuneConfig, vocab: set[str] | None) -> RunData:
     return RunData(train, dev, tests, reports)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, hooks: TrainHooks):
+def report_data(data: RunData, run_dir: Path, say, main: bool) -> None:
+    for report in data.reports:
+        say(report.summary())
+        for problem in report.problems[:5]:
+            say(f"  skipped {problem}")
+    if main:
+        (run_dir / "data_report.json").write_text(
+            json.dumps([r.to_dict() for r in data.reports], indent=1)
+        )
+
+
+def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, method=None):
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -123,8 +231,8 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, hooks: TrainHoo
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    if hooks.param_groups is not None:
-        extra = hooks.param_groups(model)
+    if method is not None:
+        extra = method.param_groups(model)
         taken = {id(p) for g in extra for p in g["params"]}
         for group in groups:
             group["params"] = [p for p in group["params"] if id(p) not in taken]
@@ -132,274 +240,218 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, hooks: TrainHoo
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
 
 
-def run_finetune(
-    cfg: FinetuneConfig,
-    hooks: TrainHooks | None = None,
-    build: Callable[[torch.nn.Module], None] | None = None,
-    console: Console | None = None,
-) -> dict:
-    """Train (or resume) the run in `cfg.output_dir`; returns the final results."""
-    hooks = hooks or TrainHooks()
-    cfg.validate()
-    run_dir = Path(cfg.output_dir)
-    checkpoint_root = run_dir / "checkpoints"
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-        kwargs_handlers=[ddp],
-        cpu=not torch.cuda.is_available(),  # lets torchrun on CPUs form a gloo group
-    )
-    console = console or Console(stderr=True)
-    main = accelerator.is_main_process
-    say = console.print if main else (lambda *a, **k: None)
+# --- batches, checkpoints, logs ---------------------------------------------------------------
 
-    # --- the run directory: a new run, or the same run resumed -------------------------
-    saved_cfg_path = run_dir / "config.yaml"
-    resume_from = ckpt.latest_checkpoint(checkpoint_root)
-    if saved_cfg_path.is_file():
-        differences = cfg.differences(type(cfg).load(saved_cfg_path))
-        if differences:
-            raise PinchgateError(
-                f"{run_dir}: holds a run with another configuration ({'; '.join(differences)}); "
-                "use another --output-dir or delete it"
-            )
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(saved_cfg_path, cfg.to_yaml())
-    accelerator.wait_for_everyone()
 
-    # --- data and vocabulary ------------------------------------------------------------
-    train_path = resolve_corpus(cfg.train)
-    if main:
-        train_raw, _ = read_corpus(train_path)
-        tokenizer, head_is_new = prepare_tokenizer(cfg, run_dir, train_raw)
-    accelerator.wait_for_everyone()
-    if not main:
-        tokenizer, head_is_new = prepare_tokenizer(cfg, run_dir, [])
-    data = load_run_data(cfg, vocab_characters(tokenizer))
-    for report in data.reports:
-        say(report.summary())
-        for problem in report.problems[:5]:
-            say(f"  skipped {problem}")
-    if main:
-        (run_dir / "data_report.json").write_text(
-            json.dumps([r.to_dict() for r in data.reports], indent=1)
-        )
+@dataclass
+class Position:
+    """Where a run stands: what a checkpoint records and a resume restores."""
 
-    # --- model ---------------------------------------------------------------------------
-    set_seed(cfg.seed)
-    if cfg.model == "toy":
-        model = build_model(len(tokenizer), tokenizer.pad_token_id, seed=cfg.seed)
-    else:
-        load_config(cfg.model)  # a clear error before anything heavy
-        model = load_ctc_model(
-            cfg.model, len(tokenizer), tokenizer.pad_token_id, new_head=head_is_new
-        )
-    feature_extractor = feature_extractor_for(
-        model.config, None if cfg.model == "toy" else cfg.model
-    )
-    if cfg.freeze_feature_encoder:
-        model.freeze_feature_encoder()
-    if build is not None:
-        build(model)  # e.g. attach gates, before the optimiser sees the parameters
-    params = count_parameters(model)
-    say(f"model: {cfg.model} ({params['total']:,} parameters)")
-    if hooks.unused_parameters or getattr(model.config, "layerdrop", 0.0) > 0:
-        ddp.find_unused_parameters = True  # dropped layers leave parameters without grads
-    optimizer = build_optimizer(model, cfg, hooks)
-    scheduler = get_scheduler(
-        cfg.scheduler,
-        optimizer,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=cfg.max_steps,
-    )
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed: float = 0.0  # training seconds before this start
 
-    # --- resume ---------------------------------------------------------------------------
-    step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
-    if resume_from is not None:
-        model_state, trainer_state, counters = ckpt.load_checkpoint(resume_from)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        if hooks.load_state is not None:
-            hooks.load_state(trainer_state.get("hooks", {}))
-        rng_states = trainer_state["rng"]
-        if len(rng_states) == accelerator.num_processes:
-            ckpt.set_rng_state(rng_states[accelerator.process_index])
-        step, epoch = counters["step"], counters["epoch"]
-        batch_in_epoch, elapsed_before = counters["batch_in_epoch"], counters["elapsed"]
-        say(f"resuming from {resume_from} (step {step}/{cfg.max_steps})")
-    model, optimizer = accelerator.prepare(model, optimizer)
 
-    dataset = SpeechDataset(data.train, feature_extractor.sampling_rate, tokenizer)
-    collate = CTCCollator(feature_extractor)
-    metrics_path = run_dir / "metrics.jsonl"
-    writer = _tensorboard(run_dir) if main else None
+class BatchStream:
+    """The training batches, epoch after epoch, each epoch in its own (seed, epoch) order,
+    from any position: a resumed run sees exactly the batches it would have seen."""
 
-    def epoch_batches(epoch_index: int) -> list[list[int]]:
-        batches = bucket_batches(dataset.durations, cfg.batch_seconds, cfg.seed, epoch_index)
-        world = accelerator.num_processes
+    def __init__(self, cfg, family, processor, utterances, accelerator, at: Position) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        labels = partial(family.labels, processor)
+        self.dataset = SpeechDataset(utterances, family.sampling_rate(processor), labels)
+        self.collate = partial(family.collate, processor)
+        self.epoch, self.batch_in_epoch = at.epoch, at.batch_in_epoch
+        self.iterator = iter(self.loader(self.epoch, self.batch_in_epoch))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        cfg = self.cfg
+        batches = bucket_batches(self.dataset.durations, cfg.batch_seconds, cfg.seed, epoch)
+        world = self.accelerator.num_processes
         usable = len(batches) // world * world  # every process gets the same number
         if usable == 0:
             raise PinchgateError(f"{cfg.train}: too little data for {world} processes")
-        return batches[accelerator.process_index : usable : world]
+        return batches[self.accelerator.process_index : usable : world]
 
-    def loader(epoch_index: int, start: int):
-        batches = epoch_batches(epoch_index)[start:]
+    def loader(self, epoch: int, start: int):
         return torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers
+            self.dataset,
+            batch_sampler=self.epoch_batches(epoch)[start:],
+            collate_fn=self.collate,
+            num_workers=self.cfg.num_workers,
         )
 
-    def save(step_now: int) -> None:
+    def next(self) -> dict[str, torch.Tensor]:
+        batch = next(self.iterator, None)
+        if batch is None:  # end of epoch: the next one has its own order
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.iterator = iter(self.loader(self.epoch, 0))
+            batch = next(self.iterator)
+        self.batch_in_epoch += 1
+        batch.pop("index")
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+
+class Checkpoints:
+    """Atomic checkpoints of the model, optimiser, scheduler, RNG, method and position."""
+
+    def __init__(self, root: Path, cfg, accelerator: Accelerator, method) -> None:
+        self.root = root
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.method = method
+
+    def resume(self, model, optimizer, scheduler, say) -> Position:
+        path = ckpt.latest_checkpoint(self.root)
+        if path is None:
+            return Position()
+        model_state, trainer_state, counters = ckpt.load_checkpoint(path)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        if self.method is not None:
+            self.method.load_state(trainer_state.get("hooks", {}))
+        rng_states = trainer_state["rng"]
+        if len(rng_states) == self.accelerator.num_processes:
+            ckpt.set_rng_state(rng_states[self.accelerator.process_index])
+        at = Position(
+            counters["step"], counters["epoch"], counters["batch_in_epoch"], counters["elapsed"]
+        )
+        say(f"resuming from {path} (step {at.step}/{self.cfg.max_steps})")
+        return at
+
+    def save(self, step: int, model, optimizer, scheduler, batches: BatchStream, elapsed: float):
         states = gather_object([ckpt.rng_state()])
-        if main:
+        if self.accelerator.is_main_process:
             trainer_state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": states,
-                "hooks": hooks.state() if hooks.state else {},
+                "hooks": self.method.state() if self.method is not None else {},
             }
             counters = {
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "elapsed": elapsed_before + time.perf_counter() - started,
+                "epoch": batches.epoch,
+                "batch_in_epoch": batches.batch_in_epoch,
+                "elapsed": elapsed,
             }
             ckpt.save_checkpoint(
-                checkpoint_root,
-                step_now,
-                accelerator.unwrap_model(model).state_dict(),
+                self.root,
+                step,
+                model.state_dict(),
                 trainer_state,
                 counters,
-                cfg.keep_checkpoints,
+                self.cfg.keep_checkpoints,
             )
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
 
-    # --- the loop: batch in, loss out, step, log, checkpoint -------------------------------
-    progress = Progress(
-        TextColumn("[bold]step {task.completed}/{task.total}"),
-        BarColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} steps/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not main,
-    )
-    model.train()
-    started = time.perf_counter()
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    micro = 0
-    iterator = iter(loader(epoch, batch_in_epoch))
-    with progress:
-        task = progress.add_task("train", total=cfg.max_steps, completed=step, loss="-", rate="-")
-        while step < cfg.max_steps:
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, extra_logs = 0.0, {}
-            for micro in range(cfg.grad_accum):
-                batch = next(iterator, None)
-                if batch is None:  # end of epoch: the next one has its own order
-                    epoch, batch_in_epoch = epoch + 1, 0
-                    iterator = iter(loader(epoch, 0))
-                    batch = next(iterator)
-                batch_in_epoch += 1
-                batch.pop("index")
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                last = micro == cfg.grad_accum - 1
-                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                with sync:
-                    loss = model(**batch).loss
-                    if hooks.extra_loss is not None:
-                        extra, extra_logs = hooks.extra_loss(accelerator.unwrap_model(model), step)
-                        loss = loss + extra
-                    _check_finite(loss, step, accelerator)
-                    accelerator.backward(loss / cfg.grad_accum)
-                step_loss += loss.detach().float().item() / cfg.grad_accum
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if hooks.after_step is not None:
-                extra_logs.update(hooks.after_step(accelerator.unwrap_model(model), step))
-            window_loss += step_loss
-            window_steps += 1
-            rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
-            progress.update(task, completed=step, loss=f"{step_loss:.3f}", rate=f"{rate:.2f}")
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                mean_loss = accelerator.reduce(
-                    torch.tensor(window_loss / window_steps, device=accelerator.device), "mean"
-                ).item()
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": mean_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "steps_per_s": rate,
-                    "elapsed_s": elapsed_before + time.perf_counter() - started,
-                    **extra_logs,
-                }
-                if main:
-                    _append_jsonl(metrics_path, row)
-                    if writer is not None:
-                        for key, value in row.items():
-                            if isinstance(value, (int, float)) and key != "step":
-                                writer.add_scalar(f"train/{key}", value, step)
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-            if cfg.eval_every and step % cfg.eval_every == 0 and data.dev and step < cfg.max_steps:
-                if main:
-                    result = evaluate_corpus(
-                        accelerator.unwrap_model(model),
-                        feature_extractor,
-                        tokenizer,
-                        data.dev,
-                        "dev",
-                        batch_seconds=cfg.eval_batch_seconds,
-                    )
-                    _append_jsonl(metrics_path, {"step": step, "dev_wer": result.wer})
-                    progress.console.print(f"step {step}: {result.summary()}")
-                accelerator.wait_for_everyone()
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save(step)
+class TrainLog:
+    """metrics.jsonl (and TensorBoard when installed), the progress bar on a terminal, and a
+    plain line every `log_every` steps when the output is a file."""
 
-    train_seconds = elapsed_before + time.perf_counter() - started
-    final_model = accelerator.unwrap_model(model)
-    results: dict = {"steps": step, "train_seconds": train_seconds, "parameters": params}
-    if hooks.finalize is not None:
-        results.update(hooks.finalize(final_model))
-    results["processes"] = accelerator.num_processes
-    if accelerator.num_processes > 1:  # data parallelism must leave identical replicas
-        digests = gather_object([weights_digest(final_model)])
-        results["replicas_agree"] = len(set(digests)) == 1
-    if main:
-        model_dir = save_model_dir(final_model, feature_extractor, tokenizer, run_dir / "model")
-        # Scores come from the model as exported, read back by stock transformers.
-        exported = load_ctc_model(model_dir).to(accelerator.device)
-        results["eval"] = evaluate_sets(
-            exported, feature_extractor, tokenizer, data, run_dir, cfg.eval_batch_seconds, say
+    def __init__(self, cfg, run_dir: Path, accelerator, console: Console, at: Position) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.console = console
+        self.main = accelerator.is_main_process
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = _tensorboard(run_dir) if self.main else None
+        self.elapsed_before = at.elapsed
+        self.started = time.perf_counter()
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+        self.plain = self.main and not console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} steps/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.main or self.plain,
         )
-        ckpt.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
-        say(f"run directory: {run_dir}  (model: {model_dir}, results.json)")
-    accelerator.wait_for_everyone()
-    if writer is not None:
-        writer.close()
-    results["model"] = final_model
-    results["feature_extractor"] = feature_extractor
-    results["tokenizer"] = tokenizer
-    results["data"] = data
-    return results
+        self.task = self.progress.add_task(
+            "train", total=cfg.max_steps, completed=at.step, loss="-", rate="-"
+        )
+        self.first_step = at.step
+
+    def elapsed(self) -> float:
+        """Training seconds of the run so far, earlier starts included."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def step(self, step: int, loss: float, grad_norm, lr: float, epoch: int, logs: dict) -> None:
+        self.window_loss += loss
+        self.window_steps += 1
+        rate = self.window_steps / max(time.perf_counter() - self.window_start, 1e-9)
+        self.progress.update(self.task, completed=step, loss=f"{loss:.3f}", rate=f"{rate:.2f}")
+        cfg = self.cfg
+        if not (step % cfg.log_every == 0 or step == cfg.max_steps):
+            return
+        mean_loss = self.accelerator.reduce(
+            torch.tensor(self.window_loss / self.window_steps, device=self.accelerator.device),
+            "mean",
+        ).item()
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "steps_per_s": rate,
+            "elapsed_s": self.elapsed(),
+            **logs,
+        }
+        if self.main:
+            _append_jsonl(self.path, row)
+            if self.writer is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        self.writer.add_scalar(f"train/{key}", value, step)
+        if self.plain:
+            self.console.print(self._plain_line(step, mean_loss, rate), highlight=False)
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+
+    def _plain_line(self, step: int, loss: float, rate: float) -> str:
+        done = step - self.first_step
+        spent = time.perf_counter() - self.started
+        left = (self.cfg.max_steps - step) * spent / done if done else float("nan")
+        return (
+            f"step {step}/{self.cfg.max_steps}  loss {loss:.3f}  {rate:.2f} steps/s  "
+            f"elapsed {_clock(spent)}  ETA {_clock(left)}"
+        )
+
+    def dev(self, step: int, result: EvalResult) -> None:
+        _append_jsonl(self.path, {"step": step, "dev_wer": result.wer})
+        self.progress.console.print(f"step {step}: {result.summary()}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
-def evaluate_sets(model, feature_extractor, tokenizer, data: RunData, run_dir, batch_seconds, say):
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: not known yet
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+# --- the end ----------------------------------------------------------------------------------
+
+
+def evaluate_sets(model, family, processor, data: RunData, run_dir, batch_seconds, say) -> dict:
+    """Score the run's dev and test sets; one JSON line per utterance in eval/<set>.jsonl."""
     out = {}
     sets = ([("dev", data.dev)] if data.dev else []) + list(data.tests.items())
     for name, utterances in sets:
-        label = Path(name.replace("toy:", "toy-")).name
+        label = corpus_label(name)
         result: EvalResult = evaluate_corpus(
             model,
-            feature_extractor,
-            tokenizer,
+            family,
+            processor,
             utterances,
             label,
             run_dir / "eval" / f"{label}.jsonl",
@@ -408,22 +460,6 @@ def evaluate_sets(model, feature_extractor, tokenizer, data: RunData, run_dir, b
         say(result.summary())
         out[label] = result.to_dict()
     return out
-
-
-def save_model_dir(model, feature_extractor, tokenizer, path: Path) -> Path:
-    """A stock Hugging Face directory (safetensors, config, vocab, preprocessor), written
-    under a temporary name and renamed so a half-written model never looks finished."""
-    import shutil
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    feature_extractor.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -435,7 +471,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator) -> None:
+def check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator) -> None:
     finite = torch.isfinite(loss.detach()).float()
     if accelerator.num_processes > 1:
         finite = accelerator.reduce(finite, "min")

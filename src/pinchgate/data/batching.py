@@ -1,4 +1,4 @@
-"""Length-bucketed batches limited by padded audio seconds, and the padding collator.
+"""Length-bucketed batches limited by padded audio seconds, and the dataset they index.
 
 A batch costs memory in proportion to (longest clip x clips in it), so batches are cut by
 that padded total, not by a fixed count. The order is a pure function of (seed, epoch), so
@@ -7,11 +7,10 @@ a resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
 
 from pinchgate.data.audio import load_audio
 from pinchgate.data.corpus import Utterance
@@ -53,17 +52,21 @@ def bucket_batches(
 
 
 class SpeechDataset(torch.utils.data.Dataset):
-    """Decoded audio and label ids for each utterance, read lazily."""
+    """Decoded audio and label ids for each utterance, read lazily.
+
+    ``labels`` turns a transcript into label ids (the model family's tokenizer); without it
+    items carry audio only. The padding collator is the family's.
+    """
 
     def __init__(
         self,
         utterances: list[Utterance],
         sample_rate: int,
-        tokenizer: Wav2Vec2CTCTokenizer | None = None,
+        labels: Callable[[str], list[int]] | None = None,
     ) -> None:
         self.utterances = utterances
         self.sample_rate = sample_rate
-        self.tokenizer = tokenizer
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -71,36 +74,10 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         utt = self.utterances[index]
         item = {"index": index, "audio": load_audio(utt.audio_path, self.sample_rate)}
-        if self.tokenizer is not None:
-            item["labels"] = self.tokenizer(utt.transcript).input_ids
+        if self.labels is not None:
+            item["labels"] = self.labels(utt.transcript)
         return item
 
     @property
     def durations(self) -> list[float]:
         return [u.duration or 0.0 for u in self.utterances]
-
-
-@dataclass
-class CTCCollator:
-    """Pads audio with the model's feature extractor and labels with -100 (ignored by CTC)."""
-
-    feature_extractor: Wav2Vec2FeatureExtractor
-
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        features = self.feature_extractor(
-            [item["audio"] for item in items],
-            sampling_rate=self.feature_extractor.sampling_rate,
-            padding=True,
-            return_tensors="pt",
-        )
-        batch = {"input_values": features["input_values"]}
-        if "attention_mask" in features:
-            batch["attention_mask"] = features["attention_mask"]
-        batch["index"] = torch.tensor([item["index"] for item in items])
-        if "labels" in items[0]:
-            longest = max(len(item["labels"]) for item in items)
-            labels = torch.full((len(items), longest), -100, dtype=torch.long)
-            for row, item in enumerate(items):
-                labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
-            batch["labels"] = labels
-        return batch

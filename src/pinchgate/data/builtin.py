@@ -26,6 +26,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PINCHGATE_CACHE", Path.home() / ".cache" / "pinchgate"))
 
 
+def corpus_label(spec: str) -> str:
+    """The short name of a corpus in reports and file names: a path's last part, `toy-<split>`
+    for the toy corpus (the spec itself for `embedded:` and `synth:`)."""
+    return Path(spec.replace("toy:", "toy-")).name
+
+
 def resolve_corpus(spec: str) -> Path:
     """A path for a corpus spec: built-in corpora are built on first use; else the path."""
     if spec.startswith("embedded:"):

@@ -9,13 +9,28 @@ magnitude (zeroed again, again free to revive); the final re-prune is the export
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from pinchgate.baselines.pruning import PruningMethod, magnitude_masks, zero_pruned
+from pinchgate.errors import PinchgateError
+from pinchgate.methods.base import BaselineMethod, zero_pruned
+from pinchgate.methods.magnitude import check_allocation, magnitude_masks
 
 
-class Parp(PruningMethod):
+@dataclass
+class ParpOptions:
+    every: int | None = None  # steps between re-prunes; default max_steps // 10
+    allocation: str = "uniform"  # uniform | global
+
+    def check(self, spec: str, max_steps: int) -> None:
+        if self.every is not None and self.every < 1:
+            raise PinchgateError(f"--method {spec}: every must be >= 1")
+        check_allocation(spec, self.allocation)
+
+
+class Parp(BaselineMethod):
     name = "parp"
 
     def setup(self, model: nn.Module) -> None:

@@ -15,18 +15,15 @@ c x threshold, the mask is frozen, and fine-tuning goes on with it to the end.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
 from torch import Tensor, nn
 
-from pinchgate.baselines.pruning import (
-    PruningMethod,
-    PruningParametrization,
-    magnitude_masks,
-    register,
-)
 from pinchgate.errors import PinchgateError
+from pinchgate.methods.base import BaselineMask, BaselineMethod, register
+from pinchgate.methods.magnitude import magnitude_masks
 
 SPAN = 4.0  # threshold = sigmoid(s) * SPAN * RMS(W): s = 0 puts it at 2 RMS
 _MIN_RMS = 1e-10
@@ -46,7 +43,20 @@ def default_decay(target_sparsity: float) -> float:
     return -1.0 / math.log(fraction / (1.0 - fraction))
 
 
-class SoftThreshold(PruningParametrization):
+@dataclass
+class StrOptions:
+    init: float = -5.0  # s at the start: threshold = sigmoid(-5) x 4 RMS = 0.027 RMS
+    lr: float | None = None  # learning rate of s; default 10 / max_steps
+    decay: float | None = None  # weight decay of s; default from the target (see soft_threshold)
+
+    def check(self, spec: str, max_steps: int) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise PinchgateError(f"--method {spec}: lr must be > 0")
+        if self.decay is not None and not self.decay >= 0:
+            raise PinchgateError(f"--method {spec}: decay must be >= 0")
+
+
+class SoftThreshold(BaselineMask):
     """W -> sign(W) relu(|W| - sigmoid(s) * scale); once frozen, W -> W * mask."""
 
     def __init__(self, rms: float, s_init: float) -> None:
@@ -74,7 +84,7 @@ class SoftThreshold(PruningParametrization):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class SoftThresholdMethod(PruningMethod):
+class SoftThresholdMethod(BaselineMethod):
     name = "str"
     unused_parameters = True  # s gets no gradient once the masks are frozen
 

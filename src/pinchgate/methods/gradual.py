@@ -17,13 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pinchgate.baselines.pruning import (
-    PruningMethod,
-    attach_mask,
-    current_mask,
-    magnitude_masks,
-    set_mask,
-)
+from pinchgate.errors import PinchgateError
+from pinchgate.methods.base import BaselineMethod, attach_mask, current_mask, set_mask
+from pinchgate.methods.magnitude import check_allocation, magnitude_masks
 
 
 def cubic_sparsity(
@@ -64,7 +60,31 @@ class GmpSchedule:
         return cubic_sparsity(step, final, self.start_step, self.end_step, self.initial)
 
 
-class GradualMagnitude(PruningMethod):
+@dataclass
+class GmpOptions:
+    start: float = 0.1  # first pruning step, as a fraction of max_steps
+    end: float = 0.7  # last pruning step (rounded down to an event), fraction of max_steps
+    every: int | None = None  # steps between pruning events; default 1% of max_steps
+    initial: float = 0.0  # sparsity of the first event
+    allocation: str = "uniform"  # uniform (the paper) | global
+
+    def check(self, spec: str, max_steps: int) -> None:
+        if not 0 <= self.start < self.end <= 1:
+            raise PinchgateError(f"--method {spec}: need 0 <= start < end <= 1")
+        if self.every is not None and self.every < 1:
+            raise PinchgateError(f"--method {spec}: every must be >= 1")
+        if not 0 <= self.initial < 1:
+            raise PinchgateError(f"--method {spec}: initial must be in [0, 1)")
+        check_allocation(spec, self.allocation)
+        schedule = GmpSchedule.for_run(self, max_steps)
+        if schedule.end_step <= schedule.start_step:
+            raise PinchgateError(
+                f"--method {spec}: no pruning event fits between steps {schedule.start_step} "
+                f"and {round(self.end * max_steps)} every {schedule.every} steps"
+            )
+
+
+class GradualMagnitude(BaselineMethod):
     name = "gmp"
 
     def setup(self, model: nn.Module) -> None:

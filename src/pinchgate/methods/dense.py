@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pinchgate.baselines.pruning import PruningMethod
+from pinchgate.methods.base import BaselineMethod
 
 
-class DenseMethod(PruningMethod):
+class DenseMethod(BaselineMethod):
     name = "dense"
 
     def final_masks(self) -> tuple[list[Tensor], list[float], dict]:

@@ -1,0 +1,80 @@
+"""Structured gates as a compression method: whole FFN neurons and attention heads.
+
+The gates' method (``methods/gates.py``) with ``pinchgate.structured_gates`` instead of
+weight-level gates: the same controller, exact fit (to whole groups) and frozen stretch.
+The run then also writes the physically smaller model (``compress.py``, with the family's
+``shrink``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from torch import nn
+
+from pinchgate.console import say
+from pinchgate.errors import PinchgateError
+from pinchgate.families import count_parameters
+from pinchgate.methods.base import CompressionSummary, compression_target
+from pinchgate.methods.gates import GateMethod
+from pinchgate.sparsity import max_compression_ratio
+from pinchgate.structured_gates import (
+    StructuredGateConfig,
+    StructuredGates,
+    attach_structured_gates,
+    structured_gates_of,
+)
+
+
+class StructuredGateMethod(GateMethod):
+    """The compression hooks with FFN-neuron and attention-head gates instead of weight gates."""
+
+    name = "structured"
+
+    def attach(self, model: nn.Module) -> None:
+        cfg = self.cfg
+        total = count_parameters(model)["total"]
+        gate_cfg = StructuredGateConfig(cfg.tau_rel, cfg.threshold_init_rel, cfg.tying)
+        try:
+            self.gates = attach_structured_gates(model, gate_cfg)
+        except ValueError as exc:
+            raise PinchgateError(f"--model {cfg.model}: {exc}") from None
+        grouped = self.gates.numel
+        try:
+            self.target = compression_target(cfg, total, grouped)
+        except ValueError:
+            highest = max_compression_ratio(total, grouped)
+            raise PinchgateError(
+                f"--target-ratio {cfg.target_ratio}: unreachable with --method structured: "
+                f"only {grouped:,} of {total:,} parameters are in FFN neurons and attention "
+                f"heads; the highest reachable ratio is {highest:.4g}x (every group pruned)"
+            ) from None
+        self.controller = self.make_controller(next(model.parameters()).device)
+        neurons = sum(u.n_groups for u in self.gates.units if u.kind == "ffn")
+        heads = sum(u.n_groups for u in self.gates.units if u.kind == "heads")
+        t = self.target
+        say(
+            f"structured gates on {neurons:,} FFN neurons and {heads} heads ({grouped:,} of "
+            f"{total:,} parameters); target: {t.compression_ratio:.2f}x = structured sparsity "
+            f"{t.sparsity:.4f}"
+        )
+
+    def freeze(self, gates: StructuredGates) -> tuple[int, int]:
+        """Structured gates keep whole groups, so they land as close as groups allow."""
+        return gates.freeze_masks()
+
+    def finalize(self, model: nn.Module) -> CompressionSummary:
+        gates = structured_gates_of(model)
+        started = time.perf_counter()
+        factor = self.fit_now_or_recall(gates)
+        structure = gates.structure()
+        hardened = gates.harden()
+        return self.summary(
+            model,
+            hardened,
+            factor,
+            started,
+            granularity="structured",
+            largest_group_params=max(s.group_size for s in hardened.layers),
+            groups=structure,
+        )
