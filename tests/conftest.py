@@ -56,3 +56,15 @@ def tiny_model_dir(tmp_path_factory, toy_corpus) -> Path:
     model.save_pretrained(path)
     feature_extractor_for(model.config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory) -> Path:
+    """A tiny random Whisper (2+2 layers, 16 wide, 8 mel bins, a 5 s window, 64 target
+    positions) with a byte-level tokenizer, as `pinchgate convert ct2` writes it."""
+    from pinchgate.families.ct2 import convert_ct2_whisper
+    from tiny_whisper import tiny_hf, write_ct2_dir
+
+    root = tmp_path_factory.mktemp("whisper")
+    model = tiny_hf(std=0.05, max_source_positions=250, max_target_positions=64)
+    return convert_ct2_whisper(write_ct2_dir(root / "ct2", model), root / "hf")

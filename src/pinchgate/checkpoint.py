@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 COUNTERS_FILE = "counters.json"
+ALIASES_KEY = "pinchgate.aliases"  # weights file metadata: names of tensors stored once
 
 
 def rng_state() -> dict:
@@ -80,8 +82,8 @@ def save_checkpoint(
     tmp = checkpoint_root / f".step-{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    save_file(tensors, tmp / MODEL_FILE)
+    tensors, aliases = _without_shared({k: v.detach() for k, v in model_state.items()})
+    save_file(tensors, tmp / MODEL_FILE, metadata={ALIASES_KEY: json.dumps(aliases)})
     torch.save(trainer_state, tmp / STATE_FILE)
     (tmp / COUNTERS_FILE).write_text(json.dumps({"step": step, **counters}, indent=1))
     for child in tmp.iterdir():
@@ -113,9 +115,30 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     return path if (path / COUNTERS_FILE).is_file() else None
 
 
+def _without_shared(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
+    """Each tensor once (a tied embedding appears under two names): the tensors, on the CPU,
+    and {other name: stored name}."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tensor.stride(), tensor.dtype)  # fmt: skip
+        if tensor.numel() and key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        stored[name] = tensor.to("cpu").contiguous()
+    return stored, aliases
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """Weights, trainer state and counters of one checkpoint, without pickle."""
     model_state = load_file(path / MODEL_FILE)
+    with safe_open(str(path / MODEL_FILE), framework="pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get(ALIASES_KEY, "{}"))
+    for name, stored in aliases.items():
+        model_state[name] = model_state[stored]
     trainer_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
     counters = json.loads((path / COUNTERS_FILE).read_text())
     return model_state, trainer_state, counters

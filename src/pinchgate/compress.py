@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import PartialState
 from rich.console import Console
 
 from pinchgate.checkpoint import atomic_write_text
 from pinchgate.config import CompressConfig, FinetuneConfig
-from pinchgate.console import say
+from pinchgate.console import is_main_process, say
 from pinchgate.data.audio import load_audio
 from pinchgate.data.batching import bucket_batches
 from pinchgate.data.builtin import corpus_label
@@ -65,7 +64,7 @@ def run_compress(cfg: CompressConfig, console: Console | None = None) -> dict:
     name, options = check_config(cfg)
     spec = METHODS[name]
     out = Path(cfg.output_dir)
-    main = PartialState().is_main_process
+    main = is_main_process()
     reference_dir = Path(cfg.dense_reference) if cfg.dense_reference else None
     if reference_dir is not None:
         check_reference(cfg, reference_dir)

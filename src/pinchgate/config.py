@@ -49,6 +49,11 @@ class FinetuneConfig:
     eval_every: int = 0  # steps between dev evaluations; 0: only at the end
     eval_batch_seconds: float = 200.0
     num_workers: int = 0
+    # Whisper models only (pinchgate.families.whisper):
+    window: int | None = None  # encoder window, s; default: the longest clip, rounded up
+    language: str | None = None  # multilingual models: the transcripts' language (e.g. en)
+    text_style: str = "sentence"  # training targets: sentence | lower | as-is
+    freeze_encoder: bool = False  # train the decoder only
 
     # Fields that may change when a run is resumed; everything else must match.
     RESUMABLE_CHANGES = ("log_every", "save_every", "keep_checkpoints", "num_workers", "eval_every")

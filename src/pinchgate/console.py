@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from accelerate import PartialState
+import os
+
 from rich.console import Console
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process run (torchrun and accelerate launch set RANK), or the only
+    process. Read from the environment: creating accelerate's shared state here, before the
+    training loop creates its Accelerator, would fix the wrong distributed setup."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def say(message: str) -> None:
     """Print one status line on stderr, once per run however many processes train."""
-    if PartialState().is_main_process:
+    if is_main_process():
         Console(stderr=True).print(message, highlight=False)

@@ -65,6 +65,7 @@ def transcribe(
     was_training = model.training
     model.eval()
     sample_rate = family.sampling_rate(processor)
+    normalize = family.normalizer(processor)
     durations = [u.duration or 0.0 for u in utterances]
     hypotheses: list[str] = [""] * len(utterances)
     compute_seconds = 0.0
@@ -74,7 +75,7 @@ def transcribe(
         texts = family.decode(model, processor, audio, decoder)
         compute_seconds += time.perf_counter() - start
         for i, text in zip(batch, texts, strict=True):
-            hypotheses[i] = family.normalize(text)
+            hypotheses[i] = normalize(text)
     model.train(was_training)
     return hypotheses, compute_seconds
 
@@ -120,8 +121,9 @@ def evaluate_corpus(
     hypotheses, compute_seconds = transcribe(
         model, family, processor, utterances, batch_seconds, decoder
     )
-    references = [family.normalize(u.transcript) for u in utterances]
-    totals = score(references, hypotheses, family.normalize)
+    normalize = family.normalizer(processor)
+    references = [normalize(u.transcript) for u in utterances]
+    totals = score(references, hypotheses, normalize)
     audio_seconds = sum(u.duration or 0.0 for u in utterances)
     if output_path is not None:
         write_hypotheses(output_path, utterances, references, hypotheses)

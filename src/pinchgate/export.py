@@ -74,7 +74,7 @@ def check_onnx_on_corpus(
         hypotheses[label], seconds = transcribe(
             candidate, family, processor, utterances, batch_seconds
         )
-        out[label] = {**score(references, hypotheses[label], family.normalize)}
+        out[label] = {**score(references, hypotheses[label], family.normalizer(processor))}
         out[label]["decode_seconds"] = seconds
     pairs = zip(hypotheses["torch"], hypotheses["onnx"], strict=True)
     out["same_hypotheses"] = sum(a == b for a, b in pairs)

@@ -422,17 +422,24 @@ class StructuredGates(GateControls):
         return units
 
     def structure(self) -> list[dict]:
-        """Groups kept per block, under the current hard masks."""
+        """Groups kept per block, under the current hard masks. A block with several head
+        units (a decoder's self- and cross-attention) names each: ``<unit>_heads``."""
         rows: dict[str, dict] = {}
+        heads_units: dict[str, int] = {}
         for unit in self.units:
-            block = unit.name.rpartition(".")[0]
+            if unit.kind == "heads":
+                block = unit.name.rpartition(".")[0]
+                heads_units[block] = heads_units.get(block, 0) + 1
+        for unit in self.units:
+            block, _, own = unit.name.rpartition(".")
             hard = unit.hard_groups().cpu()
             row = rows.setdefault(block, {"layer": block})
             if unit.kind == "ffn":
                 row["neurons"], row["neurons_kept"] = unit.n_groups, int(hard.sum())
             else:
-                row["heads"] = unit.n_groups
-                row["heads_kept"] = torch.nonzero(hard).reshape(-1).tolist()
+                key = "heads" if heads_units[block] == 1 else f"{own}_heads"
+                row[key] = unit.n_groups
+                row[f"{key}_kept"] = torch.nonzero(hard).reshape(-1).tolist()
         return list(rows.values())
 
 

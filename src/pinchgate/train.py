@@ -69,12 +69,15 @@ def run_finetune(
     console = console or Console(stderr=True)
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
+    family = family_for(cfg.model)
+    family.check_options(cfg)  # refused options leave no trace in the run directory
     claim_run_dir(cfg, run_dir, accelerator)
 
     # --- processor, data, model, method, optimiser --------------------------------------------
-    family = family_for(cfg.model)
     processor, new_head = prepare_processor(cfg, family, run_dir, accelerator)
-    data = load_run_data(cfg, family.allowed_characters(processor))
+    data = load_run_data(
+        cfg, family.allowed_characters(processor), family.max_input_seconds(processor)
+    )
     report_data(data, run_dir, say, main)
     set_seed(cfg.seed)
     model = family.training_model(cfg, processor, new_head)
@@ -193,18 +196,23 @@ def prepare_processor(
     return prepared
 
 
-def load_run_data(cfg: FinetuneConfig, vocab: set[str] | None) -> RunData:
+def load_run_data(
+    cfg: FinetuneConfig, vocab: set[str] | None, longest: float | None = None
+) -> RunData:
+    """The run's corpora, checked; `longest`: clips the model cannot take whole (longer than
+    its input window) are skipped and counted, in every set."""
+    train_limit = cfg.max_duration if longest is None else min(cfg.max_duration, longest)
     train, train_report = load_corpus(
-        resolve_corpus(cfg.train), vocab, cfg.max_duration, cfg.min_duration
+        resolve_corpus(cfg.train), vocab, train_limit, cfg.min_duration
     )
     reports = [train_report]
     dev = None
     if cfg.dev:
-        dev, dev_report = load_corpus(resolve_corpus(cfg.dev), None, None, cfg.min_duration)
+        dev, dev_report = load_corpus(resolve_corpus(cfg.dev), None, longest, cfg.min_duration)
         reports.append(dev_report)
     tests = {}
     for spec in cfg.test:
-        tests[spec], report = load_corpus(resolve_corpus(spec), None, None, cfg.min_duration)
+        tests[spec], report = load_corpus(resolve_corpus(spec), None, longest, cfg.min_duration)
         reports.append(report)
     return RunData(train, dev, tests, reports)
 

@@ -189,7 +189,10 @@ def check_utterances(
         if max_duration is not None and duration > max_duration:
             problems.append(
                 Problem(
-                    "too_long", where, f"{duration:.1f} s is over --max-duration {max_duration}"
+                    "too_long",
+                    where,
+                    f"{duration:.1f} s is longer than {max_duration:g} s (--max-duration, "
+                    "or the model's input window)",
                 )
             )
             continue

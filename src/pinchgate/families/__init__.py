@@ -13,9 +13,10 @@ from pathlib import Path
 from pinchgate.errors import ModelLoadError
 from pinchgate.families.base import Member, ModelFamily, UnitSpec, count_parameters
 from pinchgate.families.ctc import CTCFamily
+from pinchgate.families.whisper import WhisperFamily
 from pinchgate.modeldir import check_model_dir, hub_error
 
-FAMILIES: tuple[ModelFamily, ...] = (CTCFamily(),)
+FAMILIES: tuple[ModelFamily, ...] = (CTCFamily(), WhisperFamily())
 
 __all__ = [
     "FAMILIES",

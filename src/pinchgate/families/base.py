@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,9 @@ class ModelFamily(ABC):
         """A freshly initialised model of the architecture a config (and its recorded
         structure, for a shrunk model) describes: the shapes a packed file must match."""
 
+    def check_options(self, cfg) -> None:  # noqa: B027 (most families accept everything)
+        """Refuse, with one line, run options this family does not have."""
+
     # --- the run's processor, data and loss ---------------------------------------------------
     @abstractmethod
     def prepare_processor(self, cfg, run_dir: Path, train_transcripts: list[str]):
@@ -121,8 +125,16 @@ class ModelFamily(ABC):
         """The model's output scores on a padded batch: what parity checks compare."""
 
     @abstractmethod
-    def normalize(self, text: str) -> str:
+    def normalizer(self, processor) -> Callable[[str], str]:
         """The normalisation applied to references and hypotheses alike before scoring."""
+
+    def beam_decoder(self, beam_size: int):
+        """A beam-search decoder for ``decode`` (without a language model)."""
+        raise PinchgateError(f"--beam-size: not available for {self.name} models")
+
+    def max_input_seconds(self, processor) -> float | None:
+        """The longest clip the model takes whole (None: any); longer ones are skipped."""
+        return None
 
     def lm_decoder(
         self, processor, lm_path: Path, lm_weight: float, word_score: float, beam_size: int

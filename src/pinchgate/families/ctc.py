@@ -76,6 +76,8 @@ FEATURE_ENCODER = r"(?:.*\.)?feature_extractor\.conv_layers\.\d+\.conv"
 CTC_HEAD = r"(?:.*\.)?lm_head"
 GATE_EXTRAS = {"pos_conv": POS_CONV, "feature_encoder": FEATURE_ENCODER}
 
+# Run options that only Whisper models have, with the value that means "not used".
+WHISPER_OPTIONS = {"window": None, "language": None, "freeze_encoder": False}
 STRUCTURE_KEY = "pinchgate_structure"  # the config.json entry of a shrunken model
 STRUCTURE_FORMAT = "pinchgate-shrunk"
 STRUCTURE_VERSION = 1
@@ -604,8 +606,16 @@ class CTCFamily(ModelFamily):
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
         return [decoder.decode(log_probs[row, : int(n)]) for row, n in enumerate(frames)]
 
-    def normalize(self, text):
-        return normalize_transcript(text)
+    def normalizer(self, processor):
+        return normalize_transcript
+
+    def check_options(self, cfg):
+        for name, default in WHISPER_OPTIONS.items():
+            if getattr(cfg, name, default) != default:
+                raise PinchgateError(
+                    f"--{name.replace('_', '-')}: an option of Whisper models, not of CTC "
+                    f"models ({cfg.model})"
+                )
 
     def lm_decoder(self, processor, lm_path, lm_weight=1.0, word_score=0.0, beam_size=50):
         """A lexicon + word n-gram beam search over the CTC outputs (pinchgate.lm)."""

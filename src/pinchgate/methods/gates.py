@@ -13,10 +13,9 @@ import json
 import time
 
 import torch
-from accelerate import PartialState
 from torch import Tensor, nn
 
-from pinchgate.console import say
+from pinchgate.console import is_main_process, say
 from pinchgate.errors import PinchgateError
 from pinchgate.families import count_parameters
 from pinchgate.gates import GatedModel, attach_gates, gates_of, tau_anneal_factor
@@ -128,7 +127,7 @@ class GateMethod(CompressionMethod):
         }
         if self._last is not None:
             row["soft_sparsity"] = 1.0 - self._last.item()
-        if PartialState().is_main_process:
+        if is_main_process():
             with open(self.run_dir / "gates.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(
                     json.dumps({"step": step, **row, "thresholds": self.gates.thresholds()}) + "\n"

@@ -1,0 +1,683 @@
+"""The Whisper family: OpenAI Whisper encoder-decoder models (transformers'
+`WhisperForConditionalGeneration`), English-only and multilingual.
+
+What pinchgate knows about Whisper lives here:
+
+- **Loading**: a local directory (or a hub id when online) with its tokenizer and feature
+  extractor; a CTranslate2 directory is converted first (`pinchgate convert ct2`, `ct2.py`).
+  The encoder's sinusoidal position table is frozen (transformers 5 leaves it trainable).
+- **The window**: the encoder sees a fixed number of frames (30 s in stock Whisper). A run
+  may cut it (`--window SECONDS`, default: the longest clip of the run's corpora, rounded up
+  to whole seconds): `max_source_positions` becomes 50 x seconds, the position table keeps
+  its first rows and the feature extractor's `chunk_length` matches, so stock transformers
+  reloads the model as it was trained. Clips longer than the window are skipped and counted
+  (a feature extractor would otherwise silently cut them).
+- **Text**: training targets are the transcripts in a chosen style (`--text-style`,
+  default `sentence`: "Hello there." from LibriSpeech-style "HELLO THERE"), with the
+  model's prefix (start of transcript, language and task for multilingual models, no
+  timestamps) and end of text; teacher-forced cross-entropy. Hypotheses and references are
+  scored after Whisper's English normaliser (OpenAI's, with its spelling map) on both sides,
+  so casing, punctuation, numbers ("nineteen sixty one" = "1961") and spelling variants do
+  not count as errors.
+- **Decoding**: batched `generate`, greedy or beam; at most `6 x seconds + 10` new tokens,
+  and a sequence whose tail repeats one n-gram (n <= 8) at least 16 tokens long is stopped
+  and cut back to one occurrence, so no clip can loop.
+- **Gates**: every Linear of encoder and decoder (self-attention, cross-attention,
+  feed-forward) and the token embedding, which is also the output projection: one tensor,
+  gated once (one threshold, one mask, used in both places: `proj_out` follows the
+  embedding through a parametrization while training). The conv front end and the
+  position tables stay dense (`--include-feature-encoder` gates the two convolutions).
+- **Structured units**: the heads of encoder self-attention, decoder self-attention and
+  cross-attention, and the feed-forward neurons; shrinking cuts them out and records the
+  per-layer sizes under `pinchgate_structure` in config.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from pinchgate.errors import ModelLoadError, PinchgateError
+from pinchgate.families.base import Member, ModelFamily, UnitSpec
+from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
+from pinchgate.modeldir import (
+    check_model_dir,
+    hub_error,
+    is_local_model,
+    read_config,
+    read_state_dict,
+    weight_files,
+)
+
+SAMPLING_RATE = 16000
+FRAMES_PER_SECOND = 100  # the feature extractor's hop is 10 ms
+TOKENS_PER_SECOND = 6  # bound on new tokens per second of audio (speech is ~3-4)
+TOKEN_MARGIN = 10
+RUNAWAY_PERIOD = 8  # the longest repeated n-gram the guard looks for
+RUNAWAY_TOKENS = 16  # how long a repeating tail must be to count as a loop
+TEXT_STYLES = ("sentence", "lower", "as-is")
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+STRUCTURE_KEY = "pinchgate_structure"
+STRUCTURE_FORMAT = "pinchgate-whisper-shrunk"
+STRUCTURE_VERSION = 1
+SPELLING_FILE = Path(__file__).resolve().parent / "data" / "whisper_english_spelling.json"
+
+# Gate targets (full-match regular expressions on module names).
+LINEARS = (
+    r"model\.(?:encoder|decoder)\.layers\.\d+\."
+    r"(?:(?:self_attn|encoder_attn)\.(?:q|k|v|out)_proj|fc1|fc2)"
+)
+EMBEDDING = r"model\.decoder\.embed_tokens"
+OUTPUT_PROJECTION = r"proj_out"
+FRONT_END = r"model\.encoder\.conv[12]"
+
+
+# --- text -------------------------------------------------------------------------------------
+
+
+def styled(text: str, style: str) -> str:
+    """A LibriSpeech-style transcript ("HELLO THERE") as a training target."""
+    if style == "as-is":
+        return text
+    text = text.lower()
+    if style == "lower":
+        return text
+    text = text[:1].upper() + text[1:]
+    return text + "." if text and text[-1] not in ".?!" else text
+
+
+@cache
+def english_normalizer():
+    """OpenAI Whisper's English normaliser with its British-to-American spelling map."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer(json.loads(SPELLING_FILE.read_text(encoding="utf-8")))
+
+
+def normalize_english(text: str) -> str:
+    return english_normalizer()(text)
+
+
+# --- the processor ----------------------------------------------------------------------------
+
+
+@dataclass
+class WhisperRunProcessor:
+    """Whisper's processor (feature extractor + tokenizer) with the run's text choices."""
+
+    processor: object  # transformers.WhisperProcessor
+    text_style: str = "sentence"
+    language: str | None = None
+
+    @property
+    def feature_extractor(self):
+        return self.processor.feature_extractor
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def window_seconds(self) -> float:
+        return float(self.feature_extractor.chunk_length)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.processor.save_pretrained(path)
+        (Path(path) / "pinchgate_text.json").write_text(
+            json.dumps({"text_style": self.text_style, "language": self.language}, indent=1)
+        )
+
+
+def load_processor(source: str | Path, text_style="sentence", language=None):
+    from transformers import WhisperProcessor
+
+    try:
+        processor = WhisperProcessor.from_pretrained(str(source))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{source}: cannot load the Whisper processor ({exc})") from None
+    saved = Path(source) / "pinchgate_text.json"
+    if saved.is_file():
+        choices = json.loads(saved.read_text())
+        text_style, language = choices.get("text_style", text_style), choices.get("language")
+    if language is not None:
+        processor.tokenizer.set_prefix_tokens(language=language, task="transcribe")
+    return WhisperRunProcessor(processor, text_style, language)
+
+
+def with_window(run: WhisperRunProcessor, seconds: int) -> WhisperRunProcessor:
+    """The processor with its feature extractor cut (or kept) to a window of `seconds`."""
+    from transformers import WhisperFeatureExtractor
+
+    old = run.feature_extractor
+    extractor = WhisperFeatureExtractor(
+        feature_size=old.feature_size,
+        sampling_rate=old.sampling_rate,
+        hop_length=old.hop_length,
+        chunk_length=int(seconds),
+        n_fft=old.n_fft,
+        padding_value=old.padding_value,
+    )
+    processor = copy.copy(run.processor)
+    processor.feature_extractor = extractor
+    return WhisperRunProcessor(processor, run.text_style, run.language)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def check_whisper_dir(path: Path) -> None:
+    check_model_dir(path)
+    if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{path}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt): "
+            "a Whisper directory needs its tokenizer"
+        )
+
+
+def load_config(source: str | Path):
+    from transformers import AutoConfig
+
+    source = str(source)
+    if is_local_model(source):
+        check_whisper_dir(Path(source))
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        if is_local_model(source):
+            raise ModelLoadError(f"{source}: unreadable model config ({exc})") from None
+        raise hub_error(source) from None
+    if config.model_type != "whisper":
+        raise ModelLoadError(f"{source}: model type {config.model_type!r} is not whisper")
+    return config
+
+
+def freeze_position_table(model: nn.Module) -> None:
+    """The encoder's sinusoidal positions are fixed in Whisper; transformers 5 leaves them
+    trainable after from_pretrained."""
+    model.model.encoder.embed_positions.requires_grad_(False)
+
+
+def load_whisper(source: str | Path) -> nn.Module:
+    """A Whisper model as saved (stock or shrunk), fp32, positions frozen, eval mode."""
+    from transformers import WhisperForConditionalGeneration
+
+    config = load_config(source)
+    if getattr(config, STRUCTURE_KEY, None) is not None:
+        model = load_shrunk(source)
+    else:
+        try:
+            model = WhisperForConditionalGeneration.from_pretrained(
+                str(source), dtype=torch.float32
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{source}: cannot load model weights ({exc})") from None
+    freeze_position_table(model)
+    return model.float().eval()
+
+
+def native_window(config) -> int:
+    """The encoder window, in seconds, the model's position table allows."""
+    return int(config.max_source_positions * 2 // FRAMES_PER_SECOND)
+
+
+def cut_window(model: nn.Module, seconds: int) -> None:
+    """Make the encoder take `seconds` of audio: its first 50 x seconds positions."""
+    positions = int(seconds) * FRAMES_PER_SECOND // 2
+    encoder = model.model.encoder
+    table = encoder.embed_positions
+    if positions > table.num_embeddings:
+        raise PinchgateError(
+            f"--window {seconds}: the model's encoder takes at most "
+            f"{table.num_embeddings * 2 // FRAMES_PER_SECOND} s"
+        )
+    if positions == table.num_embeddings:
+        return
+    cut = nn.Embedding(positions, table.embedding_dim, device=table.weight.device)
+    with torch.no_grad():
+        cut.weight.copy_(table.weight[:positions])
+    cut.requires_grad_(False)
+    encoder.embed_positions = cut
+    encoder.max_source_positions = positions
+    model.config.max_source_positions = positions
+
+
+# --- the tied output projection ---------------------------------------------------------------
+
+
+class FollowWeight(nn.Module):
+    """The parametrization of `proj_out.weight`: the token embedding's weight as computed now
+    (through its gate or mask, when it has one), so the tied tensor is pruned once."""
+
+    def __init__(self, leader: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_leader", leader)  # a reference, not a submodule
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return self._leader.weight
+
+
+def follow_embedding(model: nn.Module) -> None:
+    """Let proj_out compute with the (possibly gated) embedding while training."""
+    if not parametrize.is_parametrized(model.proj_out, "weight"):
+        leader = model.model.decoder.embed_tokens
+        parametrize.register_parametrization(model.proj_out, "weight", FollowWeight(leader))
+
+
+def unfollow_embedding(model: nn.Module) -> None:
+    """Back to a stock tie: proj_out.weight is the embedding's Parameter."""
+    if parametrize.is_parametrized(model.proj_out, "weight"):
+        parametrize.remove_parametrizations(model.proj_out, "weight", leave_parametrized=False)
+        model.proj_out.weight = model.model.decoder.embed_tokens.weight
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def runaway_start(tokens: list[int]) -> int | None:
+    """Where a tail of at least RUNAWAY_TOKENS tokens that repeats one n-gram (n <= 8)
+    begins its second occurrence, or None."""
+    for period in range(1, RUNAWAY_PERIOD + 1):
+        repeats = math.ceil(RUNAWAY_TOKENS / period)
+        span = period * repeats
+        if len(tokens) < span:
+            continue
+        tail = tokens[-span:]
+        if all(tail[i] == tail[i % period] for i in range(span)):
+            start = len(tokens) - span  # extend back as far as the pattern goes
+            while start >= period and tokens[start - 1] == tokens[start - 1 + period]:
+                start -= 1
+            return start + period
+    return None
+
+
+def _stopping_criteria():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class RunawayStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            # The prompt's special tokens never repeat, so the whole row can be scanned.
+            done = [runaway_start(row) is not None for row in input_ids.tolist()]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([RunawayStop()])
+
+
+@dataclass
+class BeamSearch:
+    """Beam search for `decode` (greedy when no decoder is given)."""
+
+    num_beams: int = 5
+
+
+def max_new_tokens(seconds: float, config) -> int:
+    budget = math.ceil(TOKENS_PER_SECOND * seconds) + TOKEN_MARGIN
+    return max(1, min(budget, config.max_target_positions - 4))
+
+
+# --- structured units -------------------------------------------------------------------------
+
+
+def _attention_members(attention: nn.Module) -> list[Member]:
+    members = [Member(getattr(attention, n), "weight", 0) for n in ("q_proj", "k_proj", "v_proj")]
+    members += [
+        Member(getattr(attention, n), "bias", 0)
+        for n in ("q_proj", "k_proj", "v_proj")
+        if getattr(attention, n).bias is not None
+    ]
+    members.append(Member(attention.out_proj, "weight", 1))
+    return members
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """(name, layer, is_decoder) of every encoder then decoder layer."""
+    out = []
+    for side in ("encoder", "decoder"):
+        stack = getattr(model.model, side).layers
+        out += [
+            (f"model.{side}.layers.{i}", layer, side == "decoder") for i, layer in enumerate(stack)
+        ]
+    return out
+
+
+def structured_units(model: nn.Module) -> list[UnitSpec]:
+    units = []
+    for name, layer, is_decoder in _layers(model):
+        for kind in ("self_attn", "encoder_attn") if is_decoder else ("self_attn",):
+            attention = getattr(layer, kind)
+            units.append(
+                UnitSpec(
+                    f"{name}.{kind}", "heads", _attention_members(attention), attention.num_heads
+                )
+            )
+        members = [Member(layer.fc1, "weight", 0), Member(layer.fc1, "bias", 0)]
+        members.append(Member(layer.fc2, "weight", 1))
+        units.append(UnitSpec(f"{name}.ffn", "ffn", members, layer.fc1.out_features))
+    return units
+
+
+class HeadlessAttention(nn.Module):
+    """An attention whose every head is pruned: it adds out_proj's bias, nothing else.
+
+    Keeps zero-size q/k/v/out_proj Linears so the state dict has the usual names.
+    """
+
+    def __init__(self, hidden: int, head_dim: int, bias: bool, layer_idx, device=None, dtype=None):
+        super().__init__()
+        self.num_heads = 0
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.q_proj = empty_linear(hidden, 0, bias, device, dtype)
+        self.k_proj = empty_linear(hidden, 0, False, device, dtype)
+        self.v_proj = empty_linear(hidden, 0, bias, device, dtype)
+        self.out_proj = empty_linear(0, hidden, bias, device, dtype)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
+        nothing = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+        return self.out_proj(nothing), None
+
+
+def _kept_heads(attention: nn.Module) -> list[int]:
+    if attention.num_heads == 0:
+        return []
+    out = attention.out_proj.weight.detach()
+    per_head = out.reshape(out.shape[0], attention.num_heads, -1).ne(0).any(2).any(0)
+    return torch.nonzero(per_head).reshape(-1).tolist()
+
+
+def _shrink_attention(layer: nn.Module, kind: str, heads: list[int]) -> None:
+    attention = getattr(layer, kind)
+    head_dim = attention.head_dim
+    if not heads:
+        weight = attention.out_proj.weight
+        headless = HeadlessAttention(
+            weight.shape[0],
+            head_dim,
+            attention.out_proj.bias is not None,
+            getattr(attention, "layer_idx", None),
+            weight.device,
+            weight.dtype,
+        )
+        with torch.no_grad():
+            if attention.out_proj.bias is not None:
+                headless.out_proj.bias.copy_(attention.out_proj.bias)
+        headless.train(attention.training)
+        setattr(layer, kind, headless)
+        return
+    rows = head_rows(heads, head_dim, attention.q_proj.weight.device)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(attention, name, sliced_linear(getattr(attention, name), rows=rows))
+    attention.out_proj = sliced_linear(attention.out_proj, cols=rows)
+    attention.num_heads = len(heads)
+
+
+def _shrink_ffn(layer: nn.Module, neurons: list[int]) -> None:
+    idx = torch.tensor(neurons, dtype=torch.long, device=layer.fc1.weight.device)
+    layer.fc1 = sliced_linear(layer.fc1, rows=idx)
+    layer.fc2 = sliced_linear(layer.fc2, cols=idx)
+
+
+def shrink(model: nn.Module) -> nn.Module:
+    """A copy without the zeroed heads and neurons (same outputs), structure in its config."""
+    for unit in structured_units(model):
+        if any(parametrize.is_parametrized(m.module, m.name) for m in unit.members):
+            raise ValueError("gates are still attached: harden the model before shrinking it")
+    target = copy.deepcopy(model)
+    unfollow_embedding(target)
+    previous = getattr(target.config, STRUCTURE_KEY, None)
+    layers = []
+    for i, (_, layer, is_decoder) in enumerate(_layers(target)):
+        entry = {}
+        for kind in ("self_attn", "encoder_attn") if is_decoder else ("self_attn",):
+            heads = _kept_heads(getattr(layer, kind))
+            _shrink_attention(layer, kind, heads)
+            if previous is not None:  # shrinking a shrunken model: keep the original indices
+                heads = [previous["layers"][i][kind][h] for h in heads]
+            entry[kind] = heads
+        neurons = torch.nonzero(layer.fc2.weight.detach().ne(0).any(0)).reshape(-1).tolist()
+        _shrink_ffn(layer, neurons)
+        entry["ffn"] = len(neurons)
+        layers.append(entry)
+    setattr(
+        target.config,
+        STRUCTURE_KEY,
+        {"format": STRUCTURE_FORMAT, "version": STRUCTURE_VERSION, "layers": layers},
+    )
+    return target
+
+
+def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
+    """Resize a freshly built full-size model to a shrunken one's shapes (values: to load)."""
+    if not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT:
+        raise ValueError(f"{STRUCTURE_KEY}: not a {STRUCTURE_FORMAT} entry")
+    if structure.get("version") != STRUCTURE_VERSION:
+        raise ValueError(f"{STRUCTURE_KEY}: version {structure.get('version')}, expected 1")
+    layers = _layers(model)
+    if len(structure["layers"]) != len(layers):
+        raise ValueError(
+            f"{STRUCTURE_KEY}: {len(structure['layers'])} layers, the model has {len(layers)}"
+        )
+    for i, ((_, layer, is_decoder), entry) in enumerate(
+        zip(layers, structure["layers"], strict=True)
+    ):
+        try:
+            for kind in ("self_attn", "encoder_attn") if is_decoder else ("self_attn",):
+                heads = [int(h) for h in entry[kind]]
+                full = getattr(layer, kind).num_heads
+                if heads != sorted(set(heads)) or any(not 0 <= h < full for h in heads):
+                    raise ValueError(f"bad head indices {heads}")
+                _shrink_attention(layer, kind, heads)
+            neurons = int(entry["ffn"])
+            if not 0 <= neurons <= layer.fc1.out_features:
+                raise ValueError(f"{neurons} neurons of {layer.fc1.out_features}")
+            _shrink_ffn(layer, list(range(neurons)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{STRUCTURE_KEY}: layer {i}: {exc}") from None
+    setattr(model.config, STRUCTURE_KEY, structure)
+    return model
+
+
+def build_from_config(config) -> nn.Module:
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration(config)
+    structure = getattr(config, STRUCTURE_KEY, None)
+    if structure is not None:
+        try:
+            apply_structure(model, structure)
+        except ValueError as exc:
+            raise PinchgateError(f"config.json: {exc}") from None
+    return model
+
+
+def load_shrunk(path: str | Path) -> nn.Module:
+    path = Path(path)
+    config = read_config(path)
+    model = build_from_config(config)
+    state = read_state_dict(weight_files(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "proj_out.weight"]:
+        raise PinchgateError(
+            f"{path}: weights do not match config.json's structure "
+            f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
+        )
+    model.tie_weights()
+    return model.eval()
+
+
+# --- the family -------------------------------------------------------------------------------
+
+
+class WhisperFamily(ModelFamily):
+    name = "whisper"
+    model_types = ("whisper",)
+
+    def load_config(self, source):
+        return load_config(source)
+
+    def load(self, source):
+        return load_whisper(source)
+
+    def build_from_config(self, config):
+        return build_from_config(config)
+
+    def check_options(self, cfg) -> None:
+        if cfg.text_style not in TEXT_STYLES:
+            raise PinchgateError(
+                f"--text-style {cfg.text_style!r}: must be one of {', '.join(TEXT_STYLES)}"
+            )
+        if cfg.window is not None and not 1 <= cfg.window <= 30:
+            raise PinchgateError(f"--window {cfg.window}: must be between 1 and 30 seconds")
+
+    def prepare_processor(self, cfg, run_dir, train_transcripts):
+        config = load_config(cfg.model)
+        if cfg.language is not None and not getattr(config, "vocab_size", 0) >= 51865:
+            raise PinchgateError(f"--language {cfg.language}: {cfg.model} is English-only")
+        processor = load_processor(cfg.model, cfg.text_style, cfg.language)
+        window = cfg.window or window_for(cfg, native_window(config))
+        return with_window(processor, window), False
+
+    def load_processor(self, model_dir):
+        check_whisper_dir(Path(model_dir))
+        return load_processor(model_dir)
+
+    def max_input_seconds(self, processor):
+        return processor.window_seconds
+
+    def training_model(self, cfg, processor, new_head):
+        model = load_whisper(cfg.model)
+        cut_window(model, int(processor.window_seconds))
+        if cfg.freeze_feature_encoder:  # the convolution front end
+            for conv in (model.model.encoder.conv1, model.model.encoder.conv2):
+                conv.requires_grad_(False)
+        if cfg.freeze_encoder:
+            model.model.encoder.requires_grad_(False)
+        follow_embedding(model)
+        return model.train()
+
+    def sampling_rate(self, processor):
+        return processor.feature_extractor.sampling_rate
+
+    def labels(self, processor, transcript):
+        ids = processor.tokenizer(styled(transcript, processor.text_style)).input_ids
+        return ids[1:]  # the model prepends the start token itself (decoder_start_token_id)
+
+    def collate(self, processor, items):
+        extractor = processor.feature_extractor
+        features = extractor(
+            [item["audio"] for item in items],
+            sampling_rate=extractor.sampling_rate,
+            return_tensors="pt",
+        )
+        batch = {"input_features": features["input_features"]}
+        batch["index"] = torch.tensor([item["index"] for item in items])
+        if "labels" in items[0]:
+            longest = max(len(item["labels"]) for item in items)
+            labels = torch.full((len(items), longest), -100, dtype=torch.long)
+            for row, item in enumerate(items):
+                labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
+            batch["labels"] = labels
+        return batch
+
+    def loss(self, model, batch):
+        # One gate computation for the tied embedding's two uses in the forward.
+        with parametrize.cached():
+            return model(**batch).loss
+
+    def features(self, model, processor, audio):
+        extractor = processor.feature_extractor
+        device = next(model.parameters()).device
+        features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt")
+        return features["input_features"].to(device)
+
+    def logits(self, model, processor, audio):
+        """Logits of the decoder prompt (start of transcript ... no timestamps), teacher forced."""
+        features = self.features(model, processor, audio)
+        prompt = processor.tokenizer.prefix_tokens
+        ids = torch.tensor([prompt] * len(audio), device=features.device)
+        with parametrize.cached():
+            return model(input_features=features, decoder_input_ids=ids).logits
+
+    def decode(self, model, processor, audio: list[np.ndarray], decoder=None):
+        features = self.features(model, processor, audio)
+        seconds = max(len(a) for a in audio) / processor.feature_extractor.sampling_rate
+        options = {"language": processor.language, "task": "transcribe"}
+        if processor.language is None:
+            options = {}
+        with parametrize.cached():
+            sequences = model.generate(
+                features,
+                max_new_tokens=max_new_tokens(seconds, model.config),
+                num_beams=decoder.num_beams if decoder is not None else 1,
+                do_sample=False,
+                stopping_criteria=_stopping_criteria(),
+                **options,
+            )
+        texts = []
+        for row in sequences.tolist():
+            start = runaway_start(row)
+            if start is not None:
+                row = row[:start]  # one occurrence of what the model repeated
+            texts.append(processor.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    def beam_decoder(self, beam_size: int):
+        return BeamSearch(beam_size)
+
+    def normalizer(self, processor):
+        return normalize_english
+
+    def gate_targets(self):
+        return (LINEARS, EMBEDDING), (OUTPUT_PROJECTION,)
+
+    def gate_extras(self):
+        return {"feature_encoder": FRONT_END}
+
+    def structured_units(self, model):
+        return structured_units(model)
+
+    def shrink(self, model):
+        return shrink(model)
+
+    def save(self, model, processor, path):
+        unfollow_embedding(model)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return path
+
+
+def window_for(cfg, native: int) -> int:
+    """The shortest whole-second window that holds the longest clip of the run's corpora
+    (at most the model's own window)."""
+    from pinchgate.data.audio import audio_duration
+    from pinchgate.data.builtin import resolve_corpus
+    from pinchgate.data.corpus import read_corpus
+    from pinchgate.errors import AudioError
+
+    longest = 0.0
+    for spec in [cfg.train, cfg.dev, *cfg.test]:
+        if not spec:
+            continue
+        utterances, _ = read_corpus(resolve_corpus(spec))
+        for utterance in utterances:
+            try:
+                longest = max(longest, utterance.duration or audio_duration(utterance.audio_path))
+            except AudioError:
+                continue  # reported (and skipped) when the corpus is loaded
+    return int(min(native, max(1, math.ceil(longest + 1e-6))))

@@ -1,0 +1,319 @@
+"""The Whisper family end to end on a tiny random Whisper (tests/tiny_whisper.py): labels,
+the window, training, gates with the tied embedding, every method, hardening and stock
+reload, packing, kill-and-resume, two processes, the runaway-decoding guard, structured
+gates and shrinking, and the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+import runs
+from pinchgate.cli import app
+from pinchgate.compress import run_compress
+from pinchgate.config import CompressConfig, FinetuneConfig
+from pinchgate.errors import PinchgateError
+from pinchgate.families import count_parameters, family_for
+from pinchgate.families.whisper import (
+    RUNAWAY_TOKENS,
+    WhisperFamily,
+    cut_window,
+    normalize_english,
+    runaway_start,
+    styled,
+)
+from pinchgate.train import run_finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+
+
+def config(config_class, model_dir, toy_corpus, out, **changes):
+    """The toy preset on the test corpus, with the tiny Whisper."""
+    cfg = runs.tiny_config(config_class, toy_corpus, out, model=str(model_dir))
+    cfg.max_steps, cfg.warmup_steps, cfg.save_every, cfg.log_every = 8, 2, 4, 1
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def whisper_command(model_dir, toy_corpus, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pinchgate", "compress", "--model", str(model_dir),
+        "--train", str(toy_corpus / "train"), "--test", str(toy_corpus / "test"),
+        "--output-dir", str(out), "--max-steps", str(steps), "--save-every", "4",
+        "--log-every", "1", "--batch-seconds", "4", "--eval-every", "0",
+        "--warmup-steps", "2", "--no-train-dense-reference", *extra,
+    ]  # fmt: skip
+
+
+# --- text, labels, window ---------------------------------------------------------------------
+
+
+def test_text_policy_and_scoring_normaliser():
+    assert styled("HELLO THERE", "sentence") == "Hello there."
+    assert styled("IS IT", "lower") == "is it"
+    assert styled("AS IS", "as-is") == "AS IS"
+    # Whisper's English normaliser on both sides: case, punctuation, numbers, spelling.
+    assert normalize_english("NINETEEN SIXTY ONE") == normalize_english("1961.")
+    assert normalize_english("THE COLOUR OF MR SMITH") == normalize_english(
+        "The color of Mr. Smith"
+    )
+
+
+def test_labels_collator_and_window(tiny_whisper_dir, toy_corpus, tmp_path):
+    family = family_for(tiny_whisper_dir)
+    assert isinstance(family, WhisperFamily)
+    cfg = config(FinetuneConfig, tiny_whisper_dir, toy_corpus, tmp_path)
+    processor, new_head = family.prepare_processor(cfg, tmp_path, [])
+    assert new_head is False
+    tokenizer = processor.tokenizer
+    labels = family.labels(processor, "AD ON")
+    start, no_timestamps = tokenizer.convert_tokens_to_ids(
+        ["<|startoftranscript|>", "<|notimestamps|>"]
+    )
+    assert labels[0] == no_timestamps and start not in labels
+    assert labels[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(labels, skip_special_tokens=True) == "Ad on."
+    # The window: the longest clip of the run's corpora, whole seconds up.
+    longest = max(
+        sf.info(p).duration for p in toy_corpus.rglob("*.flac") if p.parts[-4] in ("train", "test")
+    )
+    assert processor.window_seconds == int(longest) + 1 <= 5
+    items = [
+        {"index": i, "audio": torch.zeros(n).numpy(), "labels": family.labels(processor, t)}
+        for i, (n, t) in enumerate([(8000, "A"), (12000, "AD ON TEST")])
+    ]
+    batch = family.collate(processor, items)
+    assert batch["input_features"].shape == (2, 8, 100 * processor.window_seconds)
+    assert (batch["labels"][0, len(items[0]["labels"]) :] == -100).all()
+
+
+# --- training, gates, export ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gated_run(tiny_whisper_dir, toy_corpus, tmp_path_factory):
+    """The gates at 2.5x: above the 2.0x the Linears alone allow, so the embedding must be
+    pruned too."""
+    out = tmp_path_factory.mktemp("whisper") / "gates"
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, out, target_ratio=2.5, max_steps=16)
+    cfg.train_dense_reference = False
+    return out, run_compress(cfg)
+
+
+def test_gates_prune_the_tied_embedding_once_and_land_exactly(gated_run, tiny_whisper_dir):
+    out, results = gated_run
+    c = results["compression"]
+    start = family_for(tiny_whisper_dir).load(tiny_whisper_dir)
+    cut_window(start, results["processor"].window_seconds)  # as trained: the window's table
+    total = count_parameters(start)["total"]
+    embedding = next(r for r in results["layers"] if r["name"].endswith("embed_tokens"))
+    linears = c["gated_params"] - embedding["numel"]
+    assert total / (total - linears) < 2.5  # the Linears alone cannot reach the target
+    assert c["total_params"] == total and c["gated_kept"] == c["target_gated_kept"]
+    assert c["compression_ratio"] == pytest.approx(2.5, abs=1e-3)
+    assert not any(r["name"].endswith("proj_out") for r in results["layers"])
+    # The exported model is stock, tied, and computes with the pruned embedding.
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(out / "model")
+    assert model.proj_out.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
+    zeros = int((model.model.decoder.embed_tokens.weight == 0).sum())
+    assert zeros == embedding["numel"] - embedding["kept"] > 0
+    assert not any("parametrizations" in k for k in model.state_dict())
+
+
+def test_the_exported_model_reloads_stock_with_its_window(gated_run, toy_corpus):
+    out, results = gated_run
+    saved = json.loads((out / "model" / "config.json").read_text())
+    window = results["processor"].window_seconds
+    assert saved["max_source_positions"] == 50 * window
+    from transformers import WhisperProcessor
+
+    processor = WhisperProcessor.from_pretrained(out / "model")
+    assert processor.feature_extractor.chunk_length == window
+    # The report's WER is the exported model's, decoded again by `pinchgate evaluate`.
+    result = runner.invoke(
+        app, ["evaluate", str(out / "model"), "--data", str(toy_corpus / "test"),
+              "--output-dir", str(out / "again")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "again" / "results.json").read_text())["test"]
+    assert again["wer"] == results["eval"]["test"]["wer"]
+
+
+def test_finetuning_lowers_the_loss(tiny_whisper_dir, toy_corpus, tmp_path):
+    cfg = config(
+        FinetuneConfig, tiny_whisper_dir, toy_corpus, tmp_path / "run", max_steps=30,
+        learning_rate=3e-3, warmup_steps=3, log_every=5, save_every=30,
+    )  # fmt: skip
+    run_finetune(cfg)
+    rows = runs.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize("method", ["dense", "ump", "global-magnitude", "gmp", "parp", "str"])
+def test_every_baseline_runs_on_whisper_and_lands_exactly(
+    method, tiny_whisper_dir, toy_corpus, tmp_path
+):
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=2.5)
+    cfg.method, cfg.train_dense_reference = method, False
+    if method == "dense":
+        cfg.target_ratio = None
+    c = run_compress(cfg)["compression"]
+    assert c["gated_kept"] == c["target_gated_kept"]
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(tmp_path / "model")
+    assert int((model.model.decoder.embed_tokens.weight == 0).sum()) >= 0
+
+
+def test_pack_unpack_and_info(gated_run, tmp_path):
+    out, _ = gated_run
+    result = runner.invoke(app, ["pack", str(out), str(tmp_path / "packed")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["unpack", str(tmp_path / "packed"), str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(out / "model" / "model.safetensors"),
+        load_file(tmp_path / "hf" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    result = runner.invoke(app, ["info", str(tmp_path / "hf")])
+    assert result.exit_code == 0 and "WhisperForConditionalGeneration" in result.output
+
+
+def test_kill_and_resume_gives_the_same_model(tiny_whisper_dir, toy_corpus, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    extra = ("--target-ratio", "2.5")
+    runs.run_to_end(whisper_command(tiny_whisper_dir, toy_corpus, reference, 12, *extra))
+    command = whisper_command(tiny_whisper_dir, toy_corpus, killed, 12, *extra)
+    runs.kill_and_resume(command, killed, kill_after_step=6)
+    runs.assert_same_weights(reference / "model", killed / "model", atol=0)
+
+
+def test_two_processes_compress_to_identical_replicas(tiny_whisper_dir, toy_corpus, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2",
+        "-m", "pinchgate",
+        *whisper_command(tiny_whisper_dir, toy_corpus, out, 6, "--target-ratio", "2.5")[3:],
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = json.loads((out / "results.json").read_text())
+    assert final["processes"] == 2 and final["replicas_agree"] is True
+    c = final["compression"]
+    assert c["gated_kept"] == c["target_gated_kept"]
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def test_runaway_start_finds_loops_and_leaves_speech_alone():
+    words = list(range(10, 30))
+    assert runaway_start(words) is None
+    loop = [5, 6, 7] * 8
+    assert runaway_start([1, 2] + loop) == 2 + 3  # cut back to one occurrence
+    assert runaway_start([9] * RUNAWAY_TOKENS) == 1
+    assert runaway_start([9] * (RUNAWAY_TOKENS - 1)) is None
+    assert runaway_start([4, 4, 8, 8, 4, 4]) is None
+
+
+def test_a_looping_model_is_stopped(gated_run, toy_corpus):
+    """A model that can only say one token (and never end) stops at the guard."""
+    out, results = gated_run
+    family = family_for(out / "model")
+    model = family.load(out / "model")
+    processor = family.load_processor(out / "model")
+    weight = model.model.decoder.embed_tokens.weight
+    norm = model.model.decoder.layer_norm  # a constant last hidden state: ones
+    with torch.no_grad():
+        norm.weight.zero_()
+        norm.bias.fill_(1.0)
+        weight.zero_()
+        weight[100] = 1.0
+    audio = [sf.read(p)[0] for p in sorted((toy_corpus / "test").rglob("*.flac"))[:3]]
+    texts = family.decode(model, processor, audio)
+    assert len(set(texts)) == 1
+    ids = processor.tokenizer(texts[0], add_special_tokens=False).input_ids
+    assert ids == [100]  # stopped and cut back to one occurrence
+
+
+# --- structured gates -------------------------------------------------------------------------
+
+
+def test_structured_gates_remove_heads_of_three_kinds_and_neurons(
+    tiny_whisper_dir, toy_corpus, tmp_path
+):
+    from pinchgate.families.whisper import structured_units
+
+    model = family_for(tiny_whisper_dir).load(tiny_whisper_dir)
+    units = structured_units(model)
+    kinds = [u.name.rpartition(".")[2] for u in units]
+    assert kinds.count("self_attn") == 4 and kinds.count("encoder_attn") == 2
+    assert kinds.count("ffn") == 4
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.3)
+    cfg.method, cfg.train_dense_reference = "structured", False
+    results = run_compress(cfg)
+    shrunk = results["compression"]["shrunk"]
+    assert shrunk["logit_check"]["max_abs_diff"] < 1e-4
+    assert shrunk["params"] < results["compression"]["total_params"]
+    for name, row in shrunk["eval"].items():
+        assert row["wer"] == results["eval"][name]["wer"]
+    # Packing and the stock-or-shrunk loader read the shrunken model back.
+    small = family_for(tmp_path / "model-shrunk").load(tmp_path / "model-shrunk")
+    assert count_parameters(small)["total"] == shrunk["params"]
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_one_line_refusals(tiny_whisper_dir, toy_corpus, tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_whisper_dir, no_tokenizer)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    result = runner.invoke(app, ["evaluate", str(no_tokenizer), "--data", str(toy_corpus / "test")])
+    assert result.exit_code == 2 and "no tokenizer files" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    out = tmp_path / "toy"
+    result = runner.invoke(
+        app,
+        ["compress", "--model", "toy", "--window", "5", "--train", str(toy_corpus / "train"),
+         "--output-dir", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--window: an option of Whisper models" in result.output
+    assert not out.exists()  # refused before anything is written
+    cfg = config(FinetuneConfig, tiny_whisper_dir, toy_corpus, tmp_path / "w", window=40)
+    with pytest.raises(PinchgateError, match="--window 40"):
+        run_finetune(cfg)
+
+
+def test_clips_longer_than_the_window_are_skipped_and_counted(gated_run, toy_corpus, tmp_path):
+    out, results = gated_run
+    window = results["processor"].window_seconds
+    corpus = tmp_path / "long" / "1" / "1"
+    corpus.mkdir(parents=True)
+    clips = sorted((toy_corpus / "test").rglob("*.flac"))[:2]
+    audio, rate = sf.read(clips[0])
+    sf.write(corpus / "1-1-0000.flac", audio, rate)
+    sf.write(corpus / "1-1-0001.flac", torch.zeros(int(rate * (window + 1))).numpy(), rate)
+    (corpus / "1-1.trans.txt").write_text("1-1-0000 AD\n1-1-0001 TOO LONG\n")
+    result = runner.invoke(app, ["evaluate", str(out / "model"), "--data", str(tmp_path / "long")])
+    assert result.exit_code == 0, result.output
+    assert "1 utterances" in result.output and "1 too_long" in result.output
