@@ -63,3 +63,24 @@ def test_stand_in_loads_with_a_fresh_ctc_head():
     with torch.no_grad():
         logits = model(torch.randn(1, 16000)).logits
     assert logits.shape[-1] == 32 and torch.isfinite(logits).all()
+
+
+@needs_corpus
+def test_real_speech_set_is_complete_with_its_sources_and_licences():
+    import soundfile as sf
+
+    from pinchgate.data.corpus import load_corpus
+
+    utterances, report = load_corpus(resolve_corpus("embedded:real"))
+    assert len(utterances) == 106 and report.problems == []
+    assert len({u.utt_id.split("-")[0] for u in utterances}) == 11  # speaker ids
+    assert 7 * 60 < sum(u.duration for u in utterances) < 7.5 * 60
+    for u in utterances:
+        info = sf.info(u.audio_path)
+        assert info.samplerate == 16000 and info.channels == 1 and 1.0 <= info.duration <= 9.5
+        assert set(u.transcript) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+    real = EMBEDDED_CORPUS / "real"
+    sources = (real / "SOURCES.md").read_text()
+    for speaker in sorted({u.utt_id.split("-")[0] for u in utterances}):
+        assert f"### {speaker}" in sources
+    assert len(list((real / "LICENSES").iterdir())) >= 10

@@ -2,6 +2,8 @@
 
 - `embedded:<split>`: the embedded default's speech, shipped inside the package
   (`pinchgate/embedded/corpus`, made by `recipes/embedded_corpus.py`): nothing to build.
+  `embedded:real` is real recorded speech from package registries (a test set only;
+  `recipes/real_speech.py`, sources and licences in `embedded/corpus/real/SOURCES.md`).
 - `toy:<split>` and `synth:<split>`: generated on first use from a fixed seed into a cache
   directory (`$PINCHGATE_CACHE`, default `~/.cache/pinchgate`) and reused afterwards;
   `synth:` needs the text-to-speech engines (`scripts/install-tts.sh`).
@@ -19,6 +21,7 @@ from pinchgate.errors import CorpusError
 # the `pretrain` split of the same seed-0 build; texts and voices per split do not depend
 # on the other splits' sizes).
 SYNTH_SIZES = {"train": 800, "dev": 200, "test": 200, "test-unseen": 200}
+EMBEDDED_SPLITS = (*SYNTH_SIZES, "real")
 EMBEDDED_CORPUS = Path(__file__).resolve().parent.parent / "embedded" / "corpus"
 
 
@@ -36,8 +39,8 @@ def resolve_corpus(spec: str) -> Path:
     """A path for a corpus spec: built-in corpora are built on first use; else the path."""
     if spec.startswith("embedded:"):
         split = spec.split(":", 1)[1]
-        if split not in SYNTH_SIZES:
-            raise CorpusError(f"{spec}: the embedded corpus has {', '.join(SYNTH_SIZES)}")
+        if split not in EMBEDDED_SPLITS:
+            raise CorpusError(f"{spec}: the embedded corpus has {', '.join(EMBEDDED_SPLITS)}")
         if not (EMBEDDED_CORPUS / "corpus.json").is_file():
             raise CorpusError(
                 f"{spec}: {EMBEDDED_CORPUS} is missing; this checkout has no embedded corpus"
