@@ -57,7 +57,7 @@ def rewrite(packed_dir: Path, change) -> None:
     table = json.loads(metadata["pinchgate.tensors"])
     change(tensors, table)
     metadata["pinchgate.tensors"] = json.dumps(table)
-    metadata["pinchgate.sha256"] = packing.digest(tensors)
+    metadata["pinchgate.sha256"] = packing.digest(tensors, metadata)
     save_file(tensors, str(path), metadata=metadata)
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from pinchgate.errors import ModelLoadError
 from pinchgate.families import count_parameters
@@ -51,7 +52,7 @@ def test_model_errors(tmp_path, tiny_model_dir):
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    (other / "model.safetensors").write_bytes(b"")
+    save_file({}, other / "model.safetensors")  # readable weights: the type is what is wrong
     with pytest.raises(ModelLoadError, match="'bert' is not supported"):
         load_config(other)
     with pytest.raises(ModelLoadError, match="example-org/no-such-model.*offline"):

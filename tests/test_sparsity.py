@@ -34,10 +34,10 @@ def test_ratio_and_sparsity_convert_both_ways():
 
 
 def test_conversion_errors_name_the_bad_value():
-    with pytest.raises(ValueError, match=re.escape("compression ratio must be > 1, got 1.0")):
-        gated_sparsity_for_ratio(1.0, 100, 80)
-    with pytest.raises(ValueError, match=re.escape("compression ratio must be > 1, got 0.5")):
-        gated_sparsity_for_ratio(0.5, 100, 80)
+    for bad in (1.0, 0.5, math.inf, math.nan):
+        message = f"compression ratio must be a finite number > 1, got {bad}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            gated_sparsity_for_ratio(bad, 100, 80)
     # r = 10 needs 90 pruned out of 80 gated: s = 1.125; at most 100 / 20 = 5x.
     with pytest.raises(ValueError) as err:
         gated_sparsity_for_ratio(10.0, 100, 80)

@@ -9,10 +9,13 @@ either the previous checkpoint or the new one, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +23,76 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pinchgate.errors import PinchgateError
+
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 COUNTERS_FILE = "counters.json"
 ALIASES_KEY = "pinchgate.aliases"  # weights file metadata: names of tensors stored once
+LOCK_FILE = ".pinchgate.lock"  # in a run directory: the OS lock of the run using it
+_held_locks: dict[Path, list] = {}  # run directory -> [file descriptor, depth]: re-entrant
+
+
+def make_dir(path: Path, option: str = "--output-dir") -> None:
+    """Create a directory (and its parents) or say in one line why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PinchgateError(
+            f"{option} {path}: cannot create the directory ({exc.strerror or exc})"
+        ) from None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, hold: bool = True) -> Iterator[None]:
+    """One run at a time in a run directory: an exclusive OS lock (flock) on its lock file,
+    which holds the PID of the run that has it. A second run is refused with one line
+    naming that PID. The OS drops the lock when its process ends, however it ends, so a
+    run killed with SIGKILL leaves nothing that blocks its resume. Re-entrant within a
+    process (a compression holds its directory across passes); `hold=False` (the other
+    processes of a multi-process run) only creates the directory."""
+    make_dir(run_dir)
+    key = run_dir.resolve()
+    if not hold or key in _held_locks:
+        if hold:
+            _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            if hold:
+                _release(key)
+        return
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise PinchgateError(
+            f"--output-dir {run_dir}: cannot write in it ({exc.strerror or exc})"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise PinchgateError(
+            f"{run_dir}: in use by another run (PID {holder}); wait for it to end, or use "
+            "another --output-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _release(key)
+
+
+def _release(key: Path) -> None:
+    held = _held_locks[key]
+    held[1] -= 1
+    if held[1] == 0:
+        del _held_locks[key]
+        os.close(held[0])  # closing the descriptor drops the lock
 
 
 def rng_state() -> dict:

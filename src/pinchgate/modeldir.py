@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -38,6 +39,79 @@ def check_model_dir(path: Path) -> None:
         raise ModelLoadError(
             f"{path}: no model weights (expected model.safetensors or pytorch_model.bin)"
         )
+    check_weight_headers(path)
+
+
+def check_weight_headers(path: Path) -> None:
+    """Open every safetensors weight file of a directory: a truncated or damaged header (or
+    a file shorter than its header says) is one line naming the file, not a traceback from
+    deep inside the loader."""
+    if (
+        not (path / "model.safetensors").is_file()
+        and not (path / "model.safetensors.index.json").is_file()
+    ):
+        return  # pickle weights: refused where they would be read
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"{file}: truncated or corrupt weights ({one_line(exc)})"
+            ) from None
+
+
+def weights_name(source: str | Path) -> str:
+    """The weights file of a model directory, for messages (a hub id names itself)."""
+    path = Path(source)
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return str(path / name)
+    return str(source)
+
+
+def check_loading_info(
+    source: str | Path, info: dict, fresh: str | None = None, unused: str | None = None
+) -> list[str]:
+    """Refuse a model whose config.json does not match its weights, as transformers'
+    loading info reports it (one line naming the weights file and the first tensor):
+    tensors of the model the weights lack (transformers would initialise them at random),
+    tensors of another shape, and tensors of the weights the model has no place for.
+    `fresh`: a regular expression of tensors that may be missing or resized (a new output
+    head); `unused`: of weights that may go unused (a pretraining-only head). Returns the
+    names of the tensors initialised fresh."""
+    where = f"{weights_name(source)}: does not match its config.json"
+
+    def allowed(name: str, pattern: str | None) -> bool:
+        return pattern is not None and re.fullmatch(pattern, name) is not None
+
+    def more(items: list) -> str:
+        return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+    resized = sorted(m for m in info.get("mismatched_keys", []) if not allowed(m[0], fresh))
+    if resized:
+        name, in_file, in_model = resized[0]
+        raise ModelLoadError(
+            f"{where}: tensor {name!r} is {list(in_file)} in the weights but "
+            f"{list(in_model)} in config.json's model{more(resized)}"
+        )
+    missing = sorted(k for k in info.get("missing_keys", []) if not allowed(k, fresh))
+    if missing:
+        raise ModelLoadError(
+            f"{where}: tensor {missing[0]!r} of config.json's model is not in the weights"
+            f"{more(missing)}"
+        )
+    unexpected = sorted(k for k in info.get("unexpected_keys", []) if not allowed(k, unused))
+    if unexpected:
+        raise ModelLoadError(
+            f"{where}: tensor {unexpected[0]!r} of the weights has no place in config.json's "
+            f"model{more(unexpected)}"
+        )
+    if info.get("error_msgs"):
+        raise ModelLoadError(f"{where}: {one_line(Exception(info['error_msgs'][0]))}")
+    return sorted(
+        {m[0] for m in info.get("mismatched_keys", [])} | set(info.get("missing_keys", []))
+    )
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -11,8 +11,9 @@ config.json and tokenizer / feature-extractor files. Each floating tensor is sto
 
 whichever is smallest for that tensor. With int8 values, `NAME/scales` holds the
 per-output-channel (dim 0) scales. The header metadata says how each tensor is stored
-(JSON under "pinchgate.tensors") and carries a SHA-256 of the stored bytes, so a damaged
-file is refused instead of loading wrong weights. Nothing here reads or writes pickle.
+(JSON under "pinchgate.tensors") and carries a SHA-256 of the stored bytes and of that
+metadata (the tensor table included), so a damaged or edited file is refused instead of
+loading wrong weights. Nothing here reads or writes pickle.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pinchgate.modeldir import (
 
 PACKED_FILE = "model.pinch.safetensors"
 FORMAT_NAME = "pinchgate-sparse"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the metadata (the tensor table), not only bytes
 VALUE_FORMATS = ("fp32", "fp16", "int8")
 # Below this share of exact zeros in the weight matrices a model was never hardened.
 MIN_HARDENED_SPARSITY = 0.01
@@ -192,8 +193,8 @@ def pack(
         "pinchgate.format_version": str(FORMAT_VERSION),
         "pinchgate.values": values,
         "pinchgate.tensors": json.dumps(entries, separators=(",", ":")),
-        "pinchgate.sha256": digest(stored),
     }
+    metadata["pinchgate.sha256"] = digest(stored, metadata)
 
     out_dir = Path(out_dir)
     tmp = _fresh_tmp(out_dir)
@@ -278,11 +279,16 @@ def encode_tensor(
     return parts, entry, report
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of every stored tensor (name and bytes) and of every metadata entry but the
+    checksum itself: the tensor table says how the bytes are read (dtype, shape,
+    encoding), so it is covered too."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         digest.update(key.encode())
         digest.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(k for k in metadata if k != "pinchgate.sha256"):
+        digest.update(json.dumps([key, metadata[key]]).encode())
     return digest.hexdigest()
 
 
@@ -294,10 +300,12 @@ def _header_bytes(path: Path) -> int:
 def _fresh_tmp(out_dir: Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PinchgateError(f"{out_dir}: already exists and is not empty; choose a new path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise PinchgateError(f"{out_dir}: cannot create it ({exc.strerror or exc})") from None
     return tmp
 
 
@@ -331,8 +339,10 @@ def read_packed(packed_dir: str | Path) -> dict[str, torch.Tensor]:
         raise PinchgateError(
             f"{path}: packed format version {version}, this pinchgate reads {FORMAT_VERSION}"
         )
-    if digest(stored) != metadata.get("pinchgate.sha256"):
-        raise PinchgateError(f"{path}: corrupt packed file (stored bytes fail their checksum)")
+    if digest(stored, metadata) != metadata.get("pinchgate.sha256"):
+        raise PinchgateError(
+            f"{path}: corrupt packed file (stored bytes or tensor table fail their checksum)"
+        )
     try:
         entries = json.loads(metadata["pinchgate.tensors"])
     except (KeyError, json.JSONDecodeError) as exc:

@@ -17,6 +17,15 @@ multipliers lambda1, lambda2 maximise it (gradient ASCENT: they sit in an optimi
 whatever sign pushes s toward the target. s_target ramps linearly from 0 to the final target
 over the first ``ramp_fraction`` of the steps so early training is not shocked.
 
+Learning rates (the multipliers' group here, the thresholds' in ``methods.gates``) follow the
+weights' schedule (warm-up, decay) like every group of the optimiser. Adam moves a multiplier
+by about its learning rate per step while the gap keeps one sign, and lambda2's gradient
+(gap**2) never changes sign, so the multipliers' range of motion grows with the number of
+steps: ``lr`` is the rate of a run whose target ramps over at most ``REFERENCE_RAMP_STEPS``
+steps, and a longer ramp scales it by ``REFERENCE_RAMP_STEPS / ramp_steps``, so that a
+20,000-step run moves its multipliers no further than a 1,000-step one (the thresholds' default
+rate, 3 / ramp steps, is scaled the same way). Shorter runs are unchanged.
+
 The soft fraction differs from the hard one (1[|W| > t]) while tau is wide; passing the hard
 fraction of the same forward as ``hard_kept`` makes the multipliers see the hard gap while the
 gradient still flows through the soft one (straight-through). Either way the Lagrangian alone
@@ -31,6 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from pinchgate.config import CONTROLS
+
+# The longest target ramp (steps) at which the multipliers take their learning rate unscaled:
+# that of the toy preset (1000 steps, 30% ramp), where the default 0.05 was chosen.
+REFERENCE_RAMP_STEPS = 300
 
 
 def _check_counts(total_params: int, gated_params: int) -> None:
@@ -55,7 +68,7 @@ def gated_sparsity_for_ratio(
     """Gated sparsity that gives a whole-model compression ratio (total / kept params)."""
     _check_counts(total_params, gated_params)
     if not (math.isfinite(compression_ratio) and compression_ratio > 1.0):
-        raise ValueError(f"compression ratio must be > 1, got {compression_ratio}")
+        raise ValueError(f"compression ratio must be a finite number > 1, got {compression_ratio}")
     pruned = total_params - total_params / compression_ratio
     sparsity = pruned / gated_params
     if sparsity >= 1.0:
@@ -129,6 +142,12 @@ class SparsityController(nn.Module):
     def ramp_steps(self) -> int:
         return round(self.ramp_fraction * self.total_steps)
 
+    @property
+    def multiplier_lr(self) -> float:
+        """The multipliers' learning rate: ``lr``, scaled down for ramps longer than
+        ``REFERENCE_RAMP_STEPS`` (see the module docstring)."""
+        return self.lr * min(1.0, REFERENCE_RAMP_STEPS / max(1, self.ramp_steps))
+
     def target_at(self, step: int) -> float:
         """Target sparsity at ``step``: linear from 0 to the final target, then flat."""
         if self.ramp_steps <= 0 or step >= self.ramp_steps:
@@ -153,7 +172,7 @@ class SparsityController(nn.Module):
         """Optimiser group for the multipliers: own lr, no decay, gradient ascent."""
         return {
             "params": [self.lambda1, self.lambda2],
-            "lr": self.lr,
+            "lr": self.multiplier_lr,
             "weight_decay": 0.0,
             "maximize": True,
         }

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pinchgate.data.audio import audio_duration
+from pinchgate.data.audio import audio_duration, audio_problem
 from pinchgate.data.text import normalize_transcript
 from pinchgate.errors import AudioError, CorpusError
 
@@ -48,6 +50,8 @@ class CorpusReport:
     kept: int = 0
     kept_seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
+    decoded: int = 0  # clips decoded by the check (the others: known from an earlier start)
+    decode_seconds: float = 0.0
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -57,6 +61,8 @@ class CorpusReport:
         dropped = ", ".join(f"{n} {kind}" for kind, n in sorted(self.dropped.items()))
         hours = self.kept_seconds / 3600
         text = f"{self.source}: {self.kept} utterances ({hours:.2f} h) kept"
+        if self.decoded:
+            text += f" ({self.decoded} clips decoded in {self.decode_seconds:.1f} s)"
         return text + (f"; skipped: {dropped}" if dropped else "")
 
     def to_dict(self) -> dict:
@@ -66,7 +72,46 @@ class CorpusReport:
             "kept_seconds": round(self.kept_seconds, 3),
             "dropped": self.dropped,
             "problems": [str(p) for p in self.problems],
+            "decoded": self.decoded,
+            "decode_seconds": round(self.decode_seconds, 3),
         }
+
+
+class DecodedClips:
+    """What decoding each clip found (`audio_problem`), optionally kept in a JSON file keyed
+    by path and checked against size and modification time, so that a resumed run decodes
+    only the clips that changed since."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.entries: dict[str, list] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.entries = {}  # a damaged record only costs decoding again
+        self.decoded = 0
+        self.seconds = 0.0
+
+    def problem(self, audio_path: Path) -> tuple[str, str] | None:
+        stat = audio_path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        known = self.entries.get(str(audio_path))
+        if isinstance(known, list) and len(known) == 3 and known[:2] == stamp:
+            return tuple(known[2]) if known[2] else None
+        started = time.perf_counter()
+        found = audio_problem(audio_path)
+        self.seconds += time.perf_counter() - started
+        self.decoded += 1
+        self.entries[str(audio_path)] = [*stamp, list(found) if found else None]
+        return found
+
+    def save(self) -> None:
+        if self.path is None or not self.decoded:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+        os.replace(tmp, self.path)
 
 
 def read_corpus(path: str | Path) -> tuple[list[Utterance], list[Problem]]:
@@ -84,7 +129,10 @@ def read_corpus(path: str | Path) -> tuple[list[Utterance], list[Problem]]:
 
 
 def read_librispeech(root: str | Path) -> tuple[list[Utterance], list[Problem]]:
-    """`speaker/chapter/*.trans.txt` lines `UTT-ID TRANSCRIPT`, audio `UTT-ID.<ext>` beside it."""
+    """`speaker/chapter/*.trans.txt` lines `UTT-ID TRANSCRIPT`, audio `UTT-ID.<ext>` beside it.
+
+    A line that is not UTF-8 is skipped (the rest of its file is read), and audio files no
+    transcript line names are reported as orphans: nothing is dropped without a Problem."""
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: corpus directory does not exist")
@@ -93,20 +141,41 @@ def read_librispeech(root: str | Path) -> tuple[list[Utterance], list[Problem]]:
         raise CorpusError(f"{root}: no *.trans.txt files found (expected speaker/chapter layout)")
     utterances: list[Utterance] = []
     problems: list[Problem] = []
+    named: set[Path] = set()  # audio files some transcript line names
     for trans in trans_files:
         audio_by_id = {p.stem: p for p in trans.parent.iterdir() if p.suffix in AUDIO_SUFFIXES}
-        for line_no, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+        for line_no, raw in enumerate(trans.read_bytes().splitlines(), 1):
+            location = f"{trans}:{line_no}"
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff")
+            except UnicodeDecodeError as exc:
+                utt_id = raw.split(b" ", 1)[0].decode("utf-8", "replace")
+                named.add(audio_by_id.get(utt_id, trans))
+                problems.append(
+                    Problem(
+                        "bad_encoding",
+                        location,
+                        f"line of utterance {utt_id} is not UTF-8 (byte 0x{raw[exc.start]:02x} "
+                        f"at column {exc.start + 1}); re-save the file as UTF-8",
+                    )
+                )
+                continue
             if not line.strip():
                 continue
             utt_id, _, text = line.strip().partition(" ")
-            location = f"{trans}:{line_no}"
             audio = audio_by_id.get(utt_id)
             if audio is None:
                 problems.append(
                     Problem("missing_audio", location, f"no audio file for utterance {utt_id}")
                 )
                 continue
+            named.add(audio)
             utterances.append(Utterance(utt_id, audio, text.strip()))
+    for audio in sorted(p for p in root.rglob("*") if p.suffix in AUDIO_SUFFIXES):
+        if audio not in named and audio.is_file():
+            problems.append(
+                Problem("orphan_audio", str(audio), "audio file without a transcript line")
+            )
     return utterances, problems
 
 
@@ -118,7 +187,12 @@ def read_manifest(path: str | Path) -> tuple[list[Utterance], list[Problem]]:
         raise CorpusError(f"{path}: manifest does not exist")
     try:
         rows = _manifest_rows(path)
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
+        raise CorpusError(
+            f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "re-save the manifest as UTF-8"
+        ) from None
+    except (json.JSONDecodeError, csv.Error) as exc:
         raise CorpusError(f"{path}: unreadable manifest ({exc})") from None
     utterances: list[Utterance] = []
     problems: list[Problem] = []
@@ -163,10 +237,13 @@ def check_utterances(
     vocab: set[str] | None = None,
     max_duration: float | None = None,
     min_duration: float = 0.0,
+    clips: DecodedClips | None = None,
 ) -> tuple[list[Utterance], list[Problem]]:
     """Normalise transcripts and drop what cannot be used: unreadable or zero-length audio,
     clips outside [min_duration, max_duration], empty transcripts, characters outside
-    `vocab` (when given). Durations are read from file headers, not by decoding."""
+    `vocab` (when given). Durations are read from file headers; with `clips`, every clip
+    that passes the other checks is also decoded, and undecodable, NaN/Inf or silent ones
+    are dropped."""
     kept: list[Utterance] = []
     problems: list[Problem] = []
     for utt in utterances:
@@ -212,6 +289,10 @@ def check_utterances(
                     )
                 )
                 continue
+        found = clips.problem(utt.audio_path) if clips is not None else None
+        if found is not None:
+            problems.append(Problem(found[0], where, found[1]))
+            continue
         kept.append(Utterance(utt.utt_id, utt.audio_path, text, duration))
     return kept, problems
 
@@ -221,15 +302,21 @@ def load_corpus(
     vocab: set[str] | None = None,
     max_duration: float | None = None,
     min_duration: float = 0.0,
+    decode: bool | DecodedClips = True,
 ) -> tuple[list[Utterance], CorpusReport]:
-    """Read and check a corpus; fatal when nothing usable is left."""
+    """Read and check a corpus, decoding every clip unless `decode` is False (a
+    `DecodedClips` remembers what earlier checks found); fatal when nothing usable is left."""
     raw, read_problems = read_corpus(path)
-    kept, check_problems = check_utterances(raw, vocab, max_duration, min_duration)
+    clips = DecodedClips() if decode is True else decode or None
+    decoded, seconds = (clips.decoded, clips.seconds) if clips else (0, 0.0)
+    kept, check_problems = check_utterances(raw, vocab, max_duration, min_duration, clips)
     report = CorpusReport(
         source=str(path),
         kept=len(kept),
         kept_seconds=sum(u.duration or 0.0 for u in kept),
         problems=read_problems + check_problems,
+        decoded=clips.decoded - decoded if clips else 0,
+        decode_seconds=clips.seconds - seconds if clips else 0.0,
     )
     if not kept:
         first = f" (first problem: {report.problems[0]})" if report.problems else ""

@@ -10,12 +10,14 @@ them out, and saving. ONNX export is in `ctc_onnx.py`.
 from __future__ import annotations
 
 import copy
+import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import (
@@ -29,15 +31,24 @@ from transformers import (
     Wav2Vec2ForCTC,
 )
 
+from pinchgate.console import say
 from pinchgate.data.text import normalize_transcript
 from pinchgate.errors import ModelLoadError, PinchgateError
 from pinchgate.families.base import Member, ModelFamily, UnitSpec
-from pinchgate.families.ctc_vocab import build_vocab, load_tokenizer, save_vocab, vocab_characters
+from pinchgate.families.ctc_vocab import (
+    describe_left_out,
+    load_tokenizer,
+    save_vocab,
+    vocab_characters,
+    vocab_from_transcripts,
+)
 from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
 from pinchgate.modeldir import (
+    check_loading_info,
     check_model_dir,
     hub_error,
     is_local_model,
+    one_line,
     read_config,
     read_state_dict,
     weight_files,
@@ -75,6 +86,15 @@ POS_CONV = r"(?:.*\.)?encoder\.pos_conv_embed\.(?:conv|layers\.\d+\.conv)"
 FEATURE_ENCODER = r"(?:.*\.)?feature_extractor\.conv_layers\.\d+\.conv"
 CTC_HEAD = r"(?:.*\.)?lm_head"
 GATE_EXTRAS = {"pos_conv": POS_CONV, "feature_encoder": FEATURE_ENCODER}
+
+# The CTC head's tensors: the only ones a run may initialise fresh (with a new vocabulary).
+CTC_HEAD_TENSORS = r"(?:.*\.)?lm_head\.(?:weight|bias)"
+# Weights of a self-supervised checkpoint a CTC model has no place for (pretraining heads,
+# SpecAugment's mask embedding when masking is off): left out when loading.
+PRETRAINING_ONLY = (
+    r"(?:.*\.)?(?:quantizer|project_q|project_hid|final_proj|label_embeddings_concat"
+    r"|masked_spec_embed)(?:\..*)?"
+)
 
 # Run options that only Whisper models have, with the value that means "not used".
 WHISPER_OPTIONS = {"window": None, "language": None, "freeze_encoder": False}
@@ -131,9 +151,12 @@ def load_ctc_model(
 ) -> PreTrainedModel:
     """Any HF *ForCTC speech model, from a local directory or (online) a hub id.
 
-    With `new_head` (or a different vocabulary size) the CTC head is freshly initialised,
-    as when fine-tuning a self-supervised checkpoint. CTC uses zero_infinity so one
-    impossible alignment cannot turn the loss into inf.
+    With `new_head` (or a `vocab_size` its head lacks) the CTC head is freshly initialised,
+    as when fine-tuning a self-supervised checkpoint; nothing else may be: a config.json
+    that does not match the weights (a tensor missing, unexpected or of another size) is
+    refused with one line. Weights of a pretraining head the CTC model has no use for (quantizer,
+    projections) are left out. CTC uses zero_infinity so one impossible alignment cannot
+    turn the loss into inf.
     """
     config = load_config(source)
     if is_shrunk(config):
@@ -150,12 +173,21 @@ def load_ctc_model(
         setattr(config, key, value)
     try:
         # fp32 master weights whatever the file holds (fp16 checkpoints included);
-        # mixed precision is the trainer's business.
-        model = AutoModelForCTC.from_pretrained(
-            str(source), config=config, ignore_mismatched_sizes=True, dtype=torch.float32
+        # mixed precision is the trainer's business. Sizes that differ are reported in the
+        # loading info and refused below, except a new head's.
+        model, info = AutoModelForCTC.from_pretrained(
+            str(source),
+            config=config,
+            ignore_mismatched_sizes=True,
+            dtype=torch.float32,
+            output_loading_info=True,
         )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{source}: cannot load model weights ({exc})") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelLoadError(f"{source}: cannot load model weights ({one_line(exc)})") from None
+    # A head for the run's vocabulary: new when asked, resized or absent (a pretrained-only
+    # checkpoint); loading a model as it is (no vocab_size) must find its head.
+    fresh = CTC_HEAD_TENSORS if new_head or vocab_size is not None else None
+    check_loading_info(source, info, fresh, PRETRAINING_ONLY)
     if new_head:
         model.lm_head.reset_parameters()
     return model
@@ -212,13 +244,36 @@ def prepare_tokenizer(cfg, run_dir: Path, train_transcripts: list[str]):
     elif model_vocab is not None and model_vocab.is_file():
         source = model_vocab
     else:
-        vocab = build_vocab(normalize_transcript(t) for t in train_transcripts)
+        vocab, left_out = vocab_from_transcripts(
+            [normalize_transcript(t) for t in train_transcripts]
+        )
         source = save_vocab(vocab, saved)
+        say(
+            f"vocabulary: {len(vocab)} tokens built from {len(train_transcripts)} training "
+            "transcripts"
+            + (
+                f"; left out (not letters, or too rare): {describe_left_out(left_out)}: their "
+                "utterances are skipped (out_of_vocabulary)"
+                if left_out
+                else ""
+            )
+        )
     tokenizer = load_tokenizer(source)
     if not saved.is_file():
         save_vocab(tokenizer.get_vocab(), saved)
     head_is_new = cfg.new_head or source != model_vocab
     return tokenizer, head_is_new
+
+
+def greedy_ctc_text(tokenizer: Wav2Vec2CTCTokenizer, ids: list[int]) -> str:
+    """The text of one utterance's best path: repeats merged, then blanks and every other
+    special token (<s>, </s>, <unk>) dropped, word delimiters made spaces. (The tokenizer's
+    own skip_special_tokens drops the blanks before merging, which merges real double
+    letters: L <pad> L would become one L.)"""
+    merged = [i for i, _ in itertools.groupby(ids)]
+    special = set(tokenizer.all_special_ids) - {tokenizer.word_delimiter_token_id}
+    kept = [i for i in merged if i not in special]
+    return tokenizer.decode(kept, group_tokens=False)
 
 
 # --- structured units -------------------------------------------------------------------------
@@ -554,6 +609,9 @@ class CTCFamily(ModelFamily):
             model = load_ctc_model(
                 cfg.model, len(tokenizer), tokenizer.pad_token_id, new_head=new_head
             )
+            if new_head:
+                why = "--new-head" if cfg.new_head else "the run's vocabulary is not the model's"
+                say(f"CTC head: new, {len(tokenizer)} outputs initialised at random ({why})")
         if cfg.freeze_feature_encoder:
             model.freeze_feature_encoder()
         return model
@@ -600,9 +658,10 @@ class CTCFamily(ModelFamily):
         if decoder is None:
             ids = logits.argmax(dim=-1).cpu()
             # Padded frames are cut off so they cannot add characters to short utterances.
-            return processor.tokenizer.batch_decode(
-                [ids[row, : int(n)] for row, n in enumerate(frames)]
-            )
+            return [
+                greedy_ctc_text(processor.tokenizer, ids[row, : int(n)].tolist())
+                for row, n in enumerate(frames)
+            ]
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
         return [decoder.decode(log_probs[row, : int(n)]) for row, n in enumerate(frames)]
 

@@ -51,6 +51,7 @@ from pinchgate.errors import ModelLoadError, PinchgateError
 from pinchgate.families.base import Member, ModelFamily, UnitSpec
 from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
 from pinchgate.modeldir import (
+    check_loading_info,
     check_model_dir,
     hub_error,
     is_local_model,
@@ -216,11 +217,15 @@ def load_whisper(source: str | Path) -> nn.Module:
         model = load_shrunk(source)
     else:
         try:
-            model = WhisperForConditionalGeneration.from_pretrained(
-                str(source), dtype=torch.float32
+            model, info = WhisperForConditionalGeneration.from_pretrained(
+                str(source),
+                dtype=torch.float32,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{source}: cannot load model weights ({exc})") from None
+        check_loading_info(source, info)  # nothing initialised at random, nothing resized
     freeze_position_table(model)
     return model.float().eval()
 
