@@ -240,20 +240,28 @@ def add_gate_comparisons(rows: list[dict]) -> None:
 
 
 def render_table(rows: list[dict]) -> str:
-    """One line per (method, target ratio), mean ± spread (sample std) over seeds."""
+    """One table per test set (every set that is not a dev set), one line per (method,
+    target ratio): mean ± spread (sample std) over seeds."""
     sets = list(rows[0]["sets"]) if rows else []
-    main = [primary_set(sets)] if sets else []
-    header = ["method", "target", "ratio", "kept params"]
-    header += [f"WER {s}" for s in sets] + [f"p vs dense ({s})" for s in main]
-    refs = [
-        ref
-        for ref in REFERENCES
-        if any(r["sets"][n].get(_key(ref)) is not None for r in rows for n in main)
-    ]
-    header += [f"p vs {ref} ({s})" for ref in refs for s in main]
-    header += [f"RTF ({s})" for s in main]
-    header += ["time s", "time / gates"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    tests = [s for s in sets if not _is_dev(s)] or sets[:1]
+    dev = next((s for s in sets if _is_dev(s)), None)
+    return "\n\n".join(_set_table(rows, s, dev) for s in tests) + "\n\n" + _NOTE
+
+
+_NOTE = (
+    "p: MAPSSWE on the utterances of the set; 'lower' / 'higher' is this row's WER against"
+    " the reference, given where p < 0.05. Time counts every pass a method needs (the"
+    " dense pass included for two-pass methods). RTF: decoding seconds per audio second"
+    " of the exported model, from the run's own evaluation."
+)
+
+
+def _set_table(rows: list[dict], s: str, dev: str | None) -> str:
+    header = ["method", "target", "ratio", "kept params", f"WER {s}", "p vs dense"]
+    refs = [ref for ref in REFERENCES if any(r["sets"][s].get(_key(ref)) is not None for r in rows)]
+    header += [f"p vs {ref}" for ref in refs]
+    header += ([f"WER {dev}"] if dev else []) + ["RTF", "time s", "time / gates"]
+    lines = [f"### {s}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["target_ratio"] or 1.0, row["method"]), []).append(row)
@@ -262,43 +270,40 @@ def render_table(rows: list[dict]) -> str:
     ):
         cells = [method, f"{target:g}x", _stat([r["ratio"] for r in group], "{:.3f}x")]
         cells.append(_stat([r["kept_params"] for r in group], "{:,.0f}"))
-        cells += [_stat([100 * r["sets"][s]["wer"] for r in group], "{:.2f}%") for s in sets]
+        cells.append(_stat([100 * r["sets"][s]["wer"] for r in group], "{:.2f}%"))
         for key, ref in [("p_vs_dense", "dense")] + [(_key(ref), ref) for ref in refs]:
-            for s in main:
-                values = [r["sets"][s][key] for r in group if r["sets"][s].get(key) is not None]
-                cell = _stat(values, "{:.3f}") if values else ""
-                if values and max(values) < 0.05:
-                    # Significant in every seed: say which way, from the mean WER.
-                    ours = statistics.mean(r["sets"][s]["wer"] for r in group)
-                    theirs = [
-                        r["sets"][s]["wer"]
-                        for r in rows
-                        if r["method"] == ref
-                        and (ref == "dense" or r["target_ratio"] == group[0]["target_ratio"])
-                    ]
-                    if theirs:
-                        cell += " lower" if ours < statistics.mean(theirs) else " higher"
-                cells.append(cell)
-        for s in main:
-            values = [r["sets"][s]["rtf"] for r in group if r["sets"][s].get("rtf") is not None]
-            cells.append(_stat(values, "{:.4f}") if values else "")
+            values = [r["sets"][s][key] for r in group if r["sets"][s].get(key) is not None]
+            cell = _stat(values, "{:.3f}") if values else ""
+            if values and max(values) < 0.05:
+                # Significant in every seed: say which way, from the mean WER.
+                ours = statistics.mean(r["sets"][s]["wer"] for r in group)
+                theirs = [
+                    r["sets"][s]["wer"]
+                    for r in rows
+                    if r["method"] == ref
+                    and (ref == "dense" or r["target_ratio"] == group[0]["target_ratio"])
+                ]
+                if theirs:
+                    cell += " lower" if ours < statistics.mean(theirs) else " higher"
+            cells.append(cell)
+        if dev:
+            cells.append(_stat([100 * r["sets"][dev]["wer"] for r in group], "{:.2f}%"))
+        values = [r["sets"][s]["rtf"] for r in group if r["sets"][s].get("rtf") is not None]
+        cells.append(_stat(values, "{:.4f}") if values else "")
         cells.append(_stat([r["seconds"] for r in group], "{:.0f}"))
         ratios = [r["time_vs_gates"] for r in group if r.get("time_vs_gates") is not None]
         cells.append(_stat(ratios, "{:.2f}") if ratios and method != "gates" else "")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "p: MAPSSWE on the utterances of the set; 'lower' / 'higher' is this row's WER against"
-        " the reference, given where p < 0.05. Time counts every pass a method needs (the"
-        " dense pass included for two-pass methods). RTF: decoding seconds per audio second"
-        " of the exported model, from the run's own evaluation.",
-    ]
     return "\n".join(lines)
+
+
+def _is_dev(name: str) -> bool:
+    return Path(name.split(":")[-1]).name.startswith("dev")
 
 
 def primary_set(names: list[str]) -> str:
     """The set the table's p-values and the plot use: the first that is not a dev set."""
-    return next((n for n in names if not Path(n.split(":")[-1]).name.startswith("dev")), names[0])
+    return next((n for n in names if not _is_dev(n)), names[0])
 
 
 def _order(method: str) -> int:

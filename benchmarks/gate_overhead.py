@@ -1,18 +1,23 @@
 """Cost of the gates: a compression step against a dense fine-tuning step, time and memory.
 
-    python benchmarks/gate_overhead.py [--config recipes/standin/standin_config.json]
-        [--batch-seconds 32] [--steps 8] [--rounds 3] [--device cpu|cuda]
+    python benchmarks/gate_overhead.py [--model whisper-tiny.en|standin|DIR] [--clips 8]
+        [--steps 8] [--rounds 3] [--device cpu|cuda] [--ratio 2.86]
 
-Each variant (dense, gated) runs in its own process so that its peak memory (resident set
-on CPU, allocator peak on CUDA) is its own; the variants alternate for `--rounds` rounds so
-machine drift hits both alike. A step is the real one: forward, CTC loss (+ the sparsity
-term for the gated model), backward, AdamW update. Prints medians and the gated / dense
+The step is the training loop's own (`pinchgate.train`): the embedded preset's model as a
+run prepares it (for Whisper: its window, frozen parts and the tied output projection),
+one batch of `--clips` clips of `embedded:train` through the family's collator, the
+family's loss (+ the gates' sparsity term for the gated variant, `methods.gates.GateMethod`
+attached as `pinchgate compress` attaches it), backward, AdamW with the run's parameter
+groups. Each variant (dense, gated) runs in its own process so that its peak memory
+(resident set on CPU, allocator peak on CUDA) is its own; the variants alternate for
+`--rounds` rounds so machine drift hits both alike. Prints medians and the gated / dense
 ratios. Numbers, not assertions.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -21,37 +26,48 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def child(args: argparse.Namespace) -> None:
+    import tempfile
+
     import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+    import transformers
 
-    from pinchgate.gates import attach_gates
-    from pinchgate.sparsity import SparsityController
+    from pinchgate.config import CompressConfig
+    from pinchgate.data.audio import load_audio
+    from pinchgate.data.builtin import resolve_corpus
+    from pinchgate.data.corpus import load_corpus
+    from pinchgate.families import family_for, resolve_model
+    from pinchgate.methods.gates import GateMethod
+    from pinchgate.train import build_optimizer
 
-    values = json.loads(Path(args.config).read_text())
-    values.pop("architectures", None)
+    transformers.utils.logging.set_verbosity_error()
+    preset = CompressConfig.standin() if args.model == "standin" else CompressConfig.embedded()
+    cfg = dataclasses.replace(preset, target_ratio=args.ratio, model=resolve_model(args.model))
+    family = family_for(cfg.model)
+    run_dir = Path(tempfile.mkdtemp())
+    utterances, _ = load_corpus(resolve_corpus(cfg.train))
+    processor, new_head = family.prepare_processor(cfg, run_dir, [u.transcript for u in utterances])
     torch.manual_seed(0)
-    model = Wav2Vec2ForCTC(Wav2Vec2Config(**values, vocab_size=32)).to(args.device)
-    model.train()
-    groups = []
-    gates = controller = None
+    model = family.training_model(cfg, processor, new_head).to(args.device)
+    method = None
     if args.variant == "gated":
-        gates = attach_gates(model)
-        controller = SparsityController(0.65, 1000).to(args.device)
-        groups = [
-            {"params": gates.threshold_parameters(), "lr": 0.01, "weight_decay": 0.0},
-            controller.param_group(),
-        ]
-    taken = {id(p) for g in groups for p in g["params"]}
-    weights = [p for p in model.parameters() if id(p) not in taken]
-    optimizer = torch.optim.AdamW([{"params": weights}, *groups], lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    clips = max(1, int(args.batch_seconds // 4))
-    audio = torch.randn(clips, 4 * 16000, generator=generator).to(args.device)
-    labels = torch.randint(5, 32, (clips, 50), generator=generator).to(args.device)
+        method = GateMethod(cfg, run_dir)
+        method.attach(model)
+    optimizer = build_optimizer(model, cfg, method)
+    rate = family.sampling_rate(processor)
+    items = [
+        {
+            "index": i,
+            "audio": load_audio(u.audio_path, rate),
+            "labels": family.labels(processor, u.transcript),
+        }
+        for i, u in enumerate(utterances[: args.clips])
+    ]
+    batch = family.collate(processor, items)
+    batch.pop("index")
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    model.train()
     times = []
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -59,10 +75,10 @@ def child(args: argparse.Namespace) -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = model(audio, labels=labels).loss
-        if gates is not None:
-            kept = gates.kept_fractions()
-            loss = loss + controller.loss(kept.soft, 500, hard_kept=kept.hard)
+        loss = family.loss(model, batch)
+        if method is not None:
+            term, _ = method.sparsity_term(model, 10)
+            loss = loss + term
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -80,10 +96,11 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "recipes/standin/standin_config.json"))
-    parser.add_argument("--batch-seconds", type=float, default=32.0)
+    parser.add_argument("--model", default="whisper-tiny.en")
+    parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ratio", type=float, default=2.86)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variant", choices=["dense", "gated"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -93,39 +110,29 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"dense": [], "gated": []}
     for _ in range(args.rounds):
         for variant in ("dense", "gated"):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--variant",
-                    variant,
-                    "--config",
-                    args.config,
-                    "--batch-seconds",
-                    str(args.batch_seconds),
-                    "--steps",
-                    str(args.steps),
-                    "--device",
-                    args.device,
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
+            command = [sys.executable, __file__, "--variant", variant, "--model", args.model]
+            command += ["--clips", str(args.clips), "--steps", str(args.steps)]
+            command += ["--ratio", str(args.ratio), "--device", args.device]
+            out = subprocess.run(command, check=True, capture_output=True, text=True)
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
     step = {v: statistics.median(t for r in runs[v] for t in r["times"]) for v in runs}
+    spread = {
+        v: (min(min(r["times"]) for r in runs[v]), max(max(r["times"]) for r in runs[v]))
+        for v in runs
+    }
     peak = {v: statistics.median(r["peak_mib"] for r in runs[v]) for v in runs}
     memory = "allocator peak MiB" if args.device == "cuda" else "peak RSS MiB"
     print(
-        f"config {Path(args.config).name}, {args.batch_seconds:g} s of audio per step, "
-        f"{args.device}, {args.rounds} rounds x {args.steps} steps per variant"
+        f"model {args.model}, {args.clips} clips of embedded:train per step, {args.device}, "
+        f"{args.rounds} rounds x {args.steps} steps per variant, alternating"
     )
-    print(f"| variant | median step s | {memory} |")
-    print("|---|---|---|")
+    print(f"| variant | median step s | fastest-slowest step s | {memory} |")
+    print("|---|---|---|---|")
     for variant in runs:
-        print(f"| {variant} | {step[variant]:.3f} | {peak[variant]:.0f} |")
+        low, high = spread[variant]
+        print(f"| {variant} | {step[variant]:.3f} | {low:.3f}-{high:.3f} | {peak[variant]:.0f} |")
     print(
-        f"| gated / dense | {step['gated'] / step['dense']:.3f}x | "
+        f"| gated / dense | {step['gated'] / step['dense']:.3f}x | | "
         f"{peak['gated'] / peak['dense']:.3f}x |"
     )
 

@@ -50,8 +50,9 @@ def test_report_only_tabulates_finished_runs_and_lists_missing(tmp_path):
     # Nothing was trained: no run directory was made for the missing runs.
     assert not (out / "seed0" / "ump-2x").exists()
     table = (out / "compare.md").read_text()
-    assert "| gates | 2x | 2.000x | 500 | 26.00% | 25.00% |" in table
-    assert "p vs dense (toy:test)" in table  # the p-values are on the first non-dev set
+    # One table per test set (here only toy:test), with its WER, p-values and dev's WER.
+    assert table.count("### ") == 1 and "### toy:test" in table
+    assert "| gates | 2x | 2.000x | 500 | 25.00% |  | 26.00% |" in table
     assert "not finished yet: ump-2x, gates-3x, ump-3x" in table
     assert (out / "compare.png").stat().st_size > 0
 

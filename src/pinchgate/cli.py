@@ -38,6 +38,15 @@ def user_errors(command):
         except PinchgateError as exc:
             console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:  # the file system refused: name the file, not a traceback
+            if exc.filename is None:
+                raise
+            console.print(
+                f"[red]error:[/red] {exc.filename}: {exc.strerror or exc}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted: the last checkpoint is kept; rerun to resume")
             raise typer.Exit(130) from None
@@ -62,7 +71,10 @@ def finetune(
     config: Annotated[Path | None, Opt(help="YAML config; options given here override it.")] = None,
     model: Annotated[
         str | None,
-        Opt(help="HF model dir or hub id (default: the embedded stand-in; 'toy': tiny case)."),
+        Opt(
+            help="HF model dir or hub id; built in: whisper-tiny.en (the default), standin "
+            "(the wav2vec2 CTC stand-in), toy (a tiny random wav2vec2)."
+        ),
     ] = None,
     train: Annotated[
         str | None, Opt(help="Training corpus: LibriSpeech-layout dir or .tsv/.jsonl manifest.")
@@ -104,21 +116,26 @@ def finetune(
     log_every: Annotated[int | None, Opt(help="Steps between metric log lines.")] = None,
     eval_every: Annotated[int | None, Opt(help="Steps between dev evaluations (0: end).")] = None,
 ) -> None:
-    """Dense CTC fine-tuning, the reference every compression is compared with.
+    """Dense fine-tuning (CTC, or cross-entropy for Whisper): the reference every
+    compression is compared with.
 
-    With no options it runs the built-in toy case (a tiny wav2vec2 on a generated tone
-    corpus). Rerunning the same command resumes from the last checkpoint.
+    With no options it fine-tunes the embedded default (Whisper tiny.en on the shipped
+    corpus); `--model toy` runs the tiny built-in case. Rerunning the same command resumes
+    from the last checkpoint.
     """
     from pinchgate.config import FinetuneConfig
-    from pinchgate.train import run_finetune
+    from pinchgate.train import evaluate_zero_shot, run_finetune
 
     options = {k: v for k, v in locals().items() if k != "config"}
     cfg = _config(FinetuneConfig, config, model, options)
+    if cfg.zero_shot:
+        evaluate_zero_shot(cfg, Path(cfg.output_dir) / "zero-shot", console)
     run_finetune(cfg, console=console)
 
 
 def _config(config_class, config_file: Path | None, model: str | None, options: dict):
     """Start from the YAML file, or a preset (the embedded default when no model is named,
+    the stand-in's for `--model standin`,
     the toy case for `--model toy`), else the defaults; then apply the command line."""
     if config_file is not None:
         cfg = config_class.load(config_file)
@@ -126,6 +143,8 @@ def _config(config_class, config_file: Path | None, model: str | None, options: 
         cfg = config_class.embedded()
     elif model == "toy":
         cfg = config_class.toy()
+    elif model == "standin":
+        cfg = config_class.standin()
     else:
         cfg = config_class()
     for key, value in options.items():
@@ -140,7 +159,10 @@ def compress(
     config: Annotated[Path | None, Opt(help="YAML config; options given here override it.")] = None,
     model: Annotated[
         str | None,
-        Opt(help="HF model dir or hub id (default: the embedded stand-in; 'toy': tiny case)."),
+        Opt(
+            help="HF model dir or hub id; built in: whisper-tiny.en (the default), standin "
+            "(the wav2vec2 CTC stand-in), toy (a tiny random wav2vec2)."
+        ),
     ] = None,
     train: Annotated[str | None, Opt(help="Training corpus (dir or manifest).")] = None,
     dev: Annotated[str | None, Opt(help="Development corpus.")] = None,
@@ -244,7 +266,9 @@ def compress(
 @app.command()
 @user_errors
 def evaluate(
-    model_dir: Annotated[Path, typer.Argument(help="Fine-tuned HF model directory.")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="Model directory (or a built-in name: whisper-tiny.en).")
+    ],
     data: Annotated[list[str], Opt(help="Corpus to score (repeatable); toy:<split> allowed.")],
     output_dir: Annotated[
         Path | None, Opt(help="Where per-utterance hypotheses and results.json go.")
@@ -268,14 +292,16 @@ def evaluate(
     with --beam-size alone (Whisper) a beam search. Clips longer than the model's input
     window (Whisper) are skipped and counted.
     """
+    from pinchgate.checkpoint import make_dir
     from pinchgate.data.builtin import corpus_label, resolve_corpus
     from pinchgate.data.corpus import load_corpus
     from pinchgate.evaluate import evaluate_corpus
-    from pinchgate.families import family_for
+    from pinchgate.families import family_for, resolve_model
 
-    family = family_for(model_dir)
-    processor = family.load_processor(model_dir)
-    model = family.load(model_dir).to(device)
+    source = Path(resolve_model(str(model_dir)))  # a built-in name, or the directory
+    family = family_for(source)
+    processor = family.load_processor(source)
+    model = family.load(source).to(device)
     decoder = None
     if lm is not None:
         beam_size = beam_size or 50
@@ -293,6 +319,7 @@ def evaluate(
     elif beam_size is not None:
         decoder = family.beam_decoder(beam_size)
     output_dir = output_dir or model_dir.parent / ("eval-lm" if lm is not None else "eval")
+    make_dir(output_dir)  # before any decoding: a path that cannot be written is said first
     results = {}
     longest = family.max_input_seconds(processor)
     for spec in data:
@@ -313,7 +340,6 @@ def evaluate(
         if decoder is not None:
             results[name]["decoder"] = decoder.options
         typer.echo(result.summary())
-    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     console.print(f"per-utterance hypotheses and results.json in {output_dir}", highlight=False)
 
@@ -345,12 +371,16 @@ def vocab(
     from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import read_corpus
     from pinchgate.data.text import normalize_transcript
-    from pinchgate.families.ctc_vocab import build_vocab, save_vocab
+    from pinchgate.families.ctc_vocab import describe_left_out, save_vocab, vocab_from_transcripts
 
     utterances, _ = read_corpus(resolve_corpus(corpus))
-    built = build_vocab(normalize_transcript(u.transcript) for u in utterances)
+    built, left_out = vocab_from_transcripts(
+        [normalize_transcript(u.transcript) for u in utterances]
+    )
     save_vocab(built, output)
     typer.echo(f"{output}: {len(built)} tokens from {len(utterances)} transcripts")
+    if left_out:
+        typer.echo(f"left out (not letters, or too rare): {describe_left_out(left_out)}")
 
 
 @app.command("lm")
@@ -484,16 +514,34 @@ def data_check(
     max_duration: Annotated[float | None, Opt(help="Clips longer than this are dropped.")] = None,
     vocab_file: Annotated[Path | None, Opt("--vocab", help="Check characters against it.")] = None,
 ) -> None:
-    """Read a corpus and report what would be kept and skipped, one line per problem."""
-    from pinchgate.data.builtin import resolve_corpus
-    from pinchgate.data.corpus import load_corpus
-    from pinchgate.families.ctc_vocab import load_tokenizer, vocab_characters
+    """Read a corpus and report what would be kept and skipped, one line per problem.
 
-    chars = vocab_characters(load_tokenizer(vocab_file)) if vocab_file else None
-    _, report = load_corpus(resolve_corpus(corpus), chars, max_duration)
+    Every clip is decoded (damaged, NaN/Inf and silent audio is found, not only bad
+    headers); transcript lines that are not UTF-8, audio without a transcript line and
+    characters outside the vocabulary (--vocab, else the one a CTC run would build from
+    these transcripts) are reported with their file."""
+    from pinchgate.data.builtin import resolve_corpus
+    from pinchgate.data.corpus import load_corpus, read_corpus
+    from pinchgate.data.text import normalize_transcript
+    from pinchgate.families.ctc_vocab import (
+        load_tokenizer,
+        vocab_characters,
+        vocab_from_transcripts,
+    )
+
+    path = resolve_corpus(corpus)
+    if vocab_file:
+        chars = vocab_characters(load_tokenizer(vocab_file))
+        against = str(vocab_file)
+    else:
+        texts = [normalize_transcript(u.transcript) for u in read_corpus(path)[0]]
+        chars = vocab_characters(vocab_from_transcripts(texts)[0])
+        against = "the vocabulary a CTC run would build from these transcripts"
+    _, report = load_corpus(path, chars, max_duration)
     for problem in report.problems:
         typer.echo(f"skipped {problem}")
     typer.echo(report.summary())
+    typer.echo(f"characters checked against {against}")
 
 
 @app.command()

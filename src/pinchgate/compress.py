@@ -18,18 +18,18 @@ import torch
 import yaml
 from rich.console import Console
 
-from pinchgate.checkpoint import atomic_write_text
+from pinchgate.checkpoint import atomic_write_text, run_lock
 from pinchgate.config import CompressConfig, FinetuneConfig
 from pinchgate.console import is_main_process, say
 from pinchgate.data.audio import load_audio
 from pinchgate.data.batching import bucket_batches
 from pinchgate.data.builtin import corpus_label
 from pinchgate.errors import PinchgateError
-from pinchgate.families import count_parameters
+from pinchgate.families import count_parameters, family_for
 from pinchgate.methods import ALIASES, METHODS, make_method, parse_method
 from pinchgate.methods.base import CompressionMethod, exact_target, gated_layers
 from pinchgate.report import write_report
-from pinchgate.train import evaluate_sets, run_finetune
+from pinchgate.train import evaluate_sets, evaluate_zero_shot, run_finetune
 
 SHRUNK_DIR = "model-shrunk"  # beside model/ in a run of a method that removes whole groups
 WEIGHT_LEVEL_OPTIONS = ("include_pos_conv", "include_feature_encoder")
@@ -48,6 +48,7 @@ def check_config(cfg: CompressConfig) -> tuple[str, object]:
         say(f"--method {old} is deprecated: it is now called {ALIASES[old]}")
         cfg.method = ALIASES[old] + cfg.method[len(old) :]
     cfg.validate()
+    family_for(cfg.model).check_options(cfg)
     name, options = parse_method(cfg.method, cfg.max_steps)
     if name == "structured":
         for option in WEIGHT_LEVEL_OPTIONS:
@@ -60,14 +61,23 @@ def check_config(cfg: CompressConfig) -> tuple[str, object]:
 
 
 def run_compress(cfg: CompressConfig, console: Console | None = None) -> dict:
-    """Every pass of the method in ``cfg.method``, then the report."""
+    """Every pass of the method in ``cfg.method``, then the report; the run directory is
+    locked throughout (``checkpoint.run_lock``), not only while a pass trains."""
     name, options = check_config(cfg)
+    with run_lock(Path(cfg.output_dir), hold=is_main_process()):
+        return compress_passes(cfg, name, options, console)
+
+
+def compress_passes(cfg: CompressConfig, name: str, options, console: Console | None) -> dict:
     spec = METHODS[name]
     out = Path(cfg.output_dir)
     main = is_main_process()
     reference_dir = Path(cfg.dense_reference) if cfg.dense_reference else None
     if reference_dir is not None:
         check_reference(cfg, reference_dir)
+    zero_shot_dir = out / "zero-shot" if cfg.zero_shot else None
+    if zero_shot_dir is not None and main:  # what fine-tuning starts from, on the test sets
+        evaluate_zero_shot(cfg, zero_shot_dir, console)
     started = time.perf_counter()
     passes: list[dict] = []
     run_cfg = cfg
@@ -105,7 +115,9 @@ def run_compress(cfg: CompressConfig, console: Console | None = None) -> dict:
     if name == "dense":
         reference_dir = None  # it is its own reference
     if main:
-        results["report"] = write_report(out, cfg, results, reference_dir, reference_seconds)
+        results["report"] = write_report(
+            out, cfg, results, reference_dir, reference_seconds, zero_shot_dir
+        )
     return results
 
 

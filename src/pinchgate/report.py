@@ -42,11 +42,18 @@ def write_report(
     results: dict,
     reference_dir: Path | None = None,
     reference_seconds: float | None = None,
+    zero_shot_dir: Path | None = None,
 ) -> dict:
+    """report.json, report.md, layers.csv and the plots of a compression run. MAPSSWE p of the
+    compressed model against the dense reference; with a zero-shot evaluation (the model
+    before fine-tuning), also its WER and the p of the dense (else the compressed) model
+    against it."""
     compression = results["compression"]
-    reference = None
+    reference = zero_shot = None
     if reference_dir is not None:
         reference = json.loads((reference_dir / "results.json").read_text())
+    if zero_shot_dir is not None and (zero_shot_dir / "results.json").is_file():
+        zero_shot = json.loads((zero_shot_dir / "results.json").read_text())
     sets = {}
     for name, ours in results["eval"].items():
         row = {"wer": ours["wer"], "cer": ours["cer"], "utterances": ours["utterances"]}
@@ -55,6 +62,13 @@ def write_report(
             row["significance"] = compare_with_reference(
                 run_dir / "eval" / f"{name}.jsonl", reference_dir / "eval" / f"{name}.jsonl"
             )
+        if zero_shot is not None and name in zero_shot.get("eval", {}):
+            row["zero_shot_wer"] = zero_shot["eval"][name]["wer"]
+            against = reference_dir if reference is not None else run_dir
+            row["zero_shot_significance"] = compare_with_reference(
+                against / "eval" / f"{name}.jsonl", zero_shot_dir / "eval" / f"{name}.jsonl"
+            )
+            row["zero_shot_compared"] = "dense" if reference is not None else "compressed"
         sets[name] = row
     # The compression time counts every pass a method needs (training, pruning, hardening).
     timing = {
@@ -73,6 +87,7 @@ def write_report(
         "sets": sets,
         "time": timing,
         "dense_reference": str(reference_dir) if reference_dir else None,
+        "zero_shot": str(zero_shot_dir) if zero_shot is not None else None,
         "config": cfg.to_dict(),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
@@ -118,22 +133,24 @@ def render_markdown(report: dict) -> str:
             f"| dense reference training time | "
             f"{report['time']['dense_reference_train_seconds']:.1f} s |"
         )
-    lines += [
-        "",
-        "| set | WER | CER | dense WER | MAPSSWE p | significant (0.05) |",
-        "|---|---|---|---|---|---|",
-    ]
+    zero = any("zero_shot_wer" in row for row in report["sets"].values())
+    header = "| set | WER | CER | dense WER | MAPSSWE p | significant (0.05) |"
+    if zero:
+        compared = next(
+            r["zero_shot_compared"] for r in report["sets"].values() if "zero_shot_wer" in r
+        )
+        header += f" zero-shot WER | p, {compared} vs zero-shot |"
+    lines += ["", header, "|---" * (header.count("|") - 1) + "|"]
     for name, row in report["sets"].items():
-        sig = row.get("significance") or {}
-        dense = f"{100 * row['dense_wer']:.2f}%" if "dense_wer" in row else "-"
-        p = f"{sig['p_value']:.3f}" if sig else "-"
-        flag = "-"
-        if sig:
-            better = sig["compressed_errors"] < sig["dense_errors"]
-            direction = "compressed better" if better else "compressed worse"
-            flag = f"yes, {direction}" if sig["significant_at_0.05"] else "no"
         wer, cer = f"{100 * row['wer']:.2f}%", f"{100 * row['cer']:.2f}%"
-        lines.append(f"| {name} | {wer} | {cer} | {dense} | {p} | {flag} |")
+        dense = f"{100 * row['dense_wer']:.2f}%" if "dense_wer" in row else "-"
+        p, flag = _significance(row.get("significance"), "compressed")
+        line = f"| {name} | {wer} | {cer} | {dense} | {p} | {flag} |"
+        if zero:
+            zero_wer = f"{100 * row['zero_shot_wer']:.2f}%" if "zero_shot_wer" in row else "-"
+            p, flag = _significance(row.get("zero_shot_significance"), "fine-tuned")
+            line += f" {zero_wer} | {p}{'' if flag in ('-', 'no') else ' (' + flag + ')'} |"
+        lines.append(line)
     if shrunk:
         check = shrunk.get("logit_check")
         against = ""
@@ -155,6 +172,16 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _significance(sig: dict | None, side: str) -> tuple[str, str]:
+    """(p, "yes, <side> better|worse" / "no") of a MAPSSWE result whose second system is
+    the row's own model ("compressed_errors")."""
+    if not sig:
+        return "-", "-"
+    better = sig["compressed_errors"] < sig["dense_errors"]
+    direction = f"{side} better" if better else f"{side} worse"
+    return f"{sig['p_value']:.3f}", f"yes, {direction}" if sig["significant_at_0.05"] else "no"
 
 
 def write_layers_csv(path: Path, layers: list[dict]) -> None:

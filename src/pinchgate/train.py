@@ -11,6 +11,7 @@ back as exported and scored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -27,13 +28,18 @@ from transformers import get_scheduler
 
 from pinchgate import checkpoint as ckpt
 from pinchgate.config import FinetuneConfig
+from pinchgate.console import is_main_process
 from pinchgate.data.batching import SpeechDataset, bucket_batches
 from pinchgate.data.builtin import corpus_label, resolve_corpus
-from pinchgate.data.corpus import CorpusReport, Utterance, load_corpus, read_corpus
+from pinchgate.data.corpus import CorpusReport, DecodedClips, Utterance, load_corpus, read_corpus
 from pinchgate.errors import PinchgateError
 from pinchgate.evaluate import EvalResult, evaluate_corpus
-from pinchgate.families import ModelFamily, count_parameters, family_for
+from pinchgate.families import ModelFamily, count_parameters, family_for, resolve_model
 from pinchgate.methods.base import CompressionMethod
+
+DECODED_CLIPS = "decoded_clips.json"  # in a run directory: what decoding each clip found
+# Files of a run directory derived from its configuration: replaced with it (claim_run_dir).
+STALE_AFTER_CHANGE = ("vocab.json", "data_report.json", "metrics.jsonl")
 
 
 @dataclass
@@ -57,8 +63,19 @@ def run_finetune(
     method: CompressionMethod | None = None,
     console: Console | None = None,
 ) -> dict:
-    """Train (or resume) the run in `cfg.output_dir`, with `method` if one is given."""
+    """Train (or resume) the run in `cfg.output_dir`, with `method` if one is given; one run
+    at a time in a directory (its lock, `checkpoint.run_lock`, held by the main process)."""
     cfg.validate()
+    family_for(cfg.model).check_options(cfg)  # refused options leave no trace on disk
+    with ckpt.run_lock(Path(cfg.output_dir), hold=is_main_process()):
+        return train_locked(cfg, method, console)
+
+
+def train_locked(
+    cfg: FinetuneConfig, method: CompressionMethod | None, console: Console | None
+) -> dict:
+    """The run itself, its directory locked: read this one top to bottom."""
+    saved_cfg, cfg = cfg, dataclasses.replace(cfg, model=resolve_model(cfg.model))
     run_dir = Path(cfg.output_dir)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     accelerator = Accelerator(
@@ -70,14 +87,17 @@ def run_finetune(
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
     family = family_for(cfg.model)
-    family.check_options(cfg)  # refused options leave no trace in the run directory
-    claim_run_dir(cfg, run_dir, accelerator)
+    claim_run_dir(saved_cfg, run_dir, accelerator)  # the model as named (e.g. whisper-tiny.en)
 
     # --- processor, data, model, method, optimiser --------------------------------------------
     processor, new_head = prepare_processor(cfg, family, run_dir, accelerator)
-    data = load_run_data(
-        cfg, family.allowed_characters(processor), family.max_input_seconds(processor)
-    )
+    with accelerator.main_process_first():  # the main process decodes, the others read
+        data = load_run_data(
+            cfg,
+            family.allowed_characters(processor),
+            family.max_input_seconds(processor),
+            run_dir / DECODED_CLIPS,
+        )
     report_data(data, run_dir, say, main)
     set_seed(cfg.seed)
     model = family.training_model(cfg, processor, new_head)
@@ -118,7 +138,7 @@ def run_finetune(
                         term, logs = method.sparsity_term(bare, step)
                         if term is not None:
                             loss = loss + term
-                    check_finite(loss, step, accelerator)
+                    check_finite(loss, step, accelerator, batches.last, checkpoints.root)
                     accelerator.backward(loss / cfg.grad_accum)
                 step_loss += loss.detach().float().item() / cfg.grad_accum
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -166,17 +186,26 @@ def run_finetune(
 
 
 def claim_run_dir(cfg: FinetuneConfig, run_dir: Path, accelerator: Accelerator) -> None:
-    """A new run directory gets the config; an existing one must hold this very run."""
+    """A new run directory gets the config; one where a run has started (a checkpoint or
+    results) must hold this very run. A start that never reached a checkpoint (refused by a
+    check, or killed early) is no run to resume: its config and what it derived from it
+    are replaced."""
     saved_cfg_path = run_dir / "config.yaml"
+    stale = False
     if saved_cfg_path.is_file():
         differences = cfg.differences(type(cfg).load(saved_cfg_path))
-        if differences:
+        started = (run_dir / "results.json").is_file() or ckpt.latest_checkpoint(
+            run_dir / "checkpoints"
+        ) is not None
+        if differences and started:
             raise PinchgateError(
                 f"{run_dir}: holds a run with another configuration ({'; '.join(differences)}); "
                 "use another --output-dir or delete it"
             )
+        stale = bool(differences)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in STALE_AFTER_CHANGE if stale else ():
+            (run_dir / name).unlink(missing_ok=True)
         ckpt.atomic_write_text(saved_cfg_path, cfg.to_yaml())
     accelerator.wait_for_everyone()
 
@@ -197,23 +226,34 @@ def prepare_processor(
 
 
 def load_run_data(
-    cfg: FinetuneConfig, vocab: set[str] | None, longest: float | None = None
+    cfg: FinetuneConfig,
+    vocab: set[str] | None,
+    longest: float | None = None,
+    decoded: Path | None = None,
 ) -> RunData:
-    """The run's corpora, checked; `longest`: clips the model cannot take whole (longer than
-    its input window) are skipped and counted, in every set."""
+    """The run's corpora, checked, every clip decoded (undecodable, NaN/Inf and silent ones
+    are skipped and counted; `decoded`: the file that remembers what decoding found, so a
+    resume decodes only what changed); `longest`: clips the model cannot take whole (longer
+    than its input window) are skipped and counted, in every set."""
+    clips = DecodedClips(decoded)
     train_limit = cfg.max_duration if longest is None else min(cfg.max_duration, longest)
     train, train_report = load_corpus(
-        resolve_corpus(cfg.train), vocab, train_limit, cfg.min_duration
+        resolve_corpus(cfg.train), vocab, train_limit, cfg.min_duration, clips
     )
     reports = [train_report]
     dev = None
     if cfg.dev:
-        dev, dev_report = load_corpus(resolve_corpus(cfg.dev), None, longest, cfg.min_duration)
+        dev, dev_report = load_corpus(
+            resolve_corpus(cfg.dev), None, longest, cfg.min_duration, clips
+        )
         reports.append(dev_report)
     tests = {}
     for spec in cfg.test:
-        tests[spec], report = load_corpus(resolve_corpus(spec), None, longest, cfg.min_duration)
+        tests[spec], report = load_corpus(
+            resolve_corpus(spec), None, longest, cfg.min_duration, clips
+        )
         reports.append(report)
+    clips.save()
     return RunData(train, dev, tests, reports)
 
 
@@ -273,6 +313,7 @@ class BatchStream:
         self.collate = partial(family.collate, processor)
         self.epoch, self.batch_in_epoch = at.epoch, at.batch_in_epoch
         self.iterator = iter(self.loader(self.epoch, self.batch_in_epoch))
+        self.last: list[str] = []  # the audio files of the last batch, for messages
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         cfg = self.cfg
@@ -298,7 +339,8 @@ class BatchStream:
             self.iterator = iter(self.loader(self.epoch, 0))
             batch = next(self.iterator)
         self.batch_in_epoch += 1
-        batch.pop("index")
+        utterances = self.dataset.utterances
+        self.last = [str(utterances[i].audio_path) for i in batch.pop("index").tolist()]
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
 
@@ -447,6 +489,30 @@ def _clock(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
+def evaluate_zero_shot(cfg: FinetuneConfig, out_dir: Path, console: Console | None = None):
+    """Score the model a run starts from, as the run would train it (same processor and,
+    for Whisper, the same window), on the run's test sets: `out_dir/eval/<set>.jsonl` and
+    `out_dir/results.json`. Done once; a finished one is read back."""
+    done = out_dir / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg.validate()
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), dev=None)
+    family = family_for(cfg.model)
+    family.check_options(cfg)
+    say = (console or Console(stderr=True)).print
+    processor, new_head = family.prepare_processor(cfg, out_dir, [])
+    if new_head:
+        raise PinchgateError(f"--model {cfg.model}: it has no output head to decode with yet")
+    data = load_run_data(cfg, None, family.max_input_seconds(processor))
+    model = family.training_model(cfg, processor, new_head).eval()
+    say(f"zero-shot: {cfg.model} before any training")
+    scores = evaluate_sets(model, family, processor, data, out_dir, cfg.eval_batch_seconds, say)
+    results = {"model": cfg.model, "eval": scores}
+    ckpt.atomic_write_text(done, json.dumps(results, indent=1))
+    return results
+
+
 # --- the end ----------------------------------------------------------------------------------
 
 
@@ -479,14 +545,28 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator) -> None:
-    finite = torch.isfinite(loss.detach()).float()
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, "min")
+def check_finite(
+    loss: torch.Tensor,
+    step: int,
+    accelerator: Accelerator,
+    batch: list[str] | None = None,
+    checkpoints: Path | None = None,
+) -> None:
+    """Stop on a NaN or infinite loss, naming the audio files of the batch behind it."""
+    here = torch.isfinite(loss.detach()).float()
+    finite = accelerator.reduce(here, "min") if accelerator.num_processes > 1 else here
     if finite.item() < 1:
+        if here.item() < 1 and batch:
+            where = f" on the batch of {', '.join(batch[:4])}" + (
+                f" and {len(batch) - 4} more" if len(batch) > 4 else ""
+            )
+        else:
+            where = " on another process's batch" if here.item() == 1 else ""
+        last = ckpt.latest_checkpoint(checkpoints) if checkpoints is not None else None
+        kept = f"the checkpoint {last.name} is kept" if last else "no checkpoint was written yet"
         raise PinchgateError(
-            f"non-finite loss ({loss.item()}) at step {step + 1}: stopping; lower the learning "
-            "rate or check the data (the last checkpoint is kept)"
+            f"non-finite loss ({loss.item()}) at step {step + 1}{where}: stopping ({kept}); "
+            "check that audio, or lower the learning rate"
         )
 
 

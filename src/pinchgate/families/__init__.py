@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pinchgate.errors import ModelLoadError
 from pinchgate.families.base import Member, ModelFamily, UnitSpec, count_parameters
+from pinchgate.families.builtin import BUILTIN_MODELS, resolve_model
 from pinchgate.families.ctc import CTCFamily
 from pinchgate.families.whisper import WhisperFamily
 from pinchgate.modeldir import check_model_dir, hub_error
@@ -19,6 +20,7 @@ from pinchgate.modeldir import check_model_dir, hub_error
 FAMILIES: tuple[ModelFamily, ...] = (CTCFamily(), WhisperFamily())
 
 __all__ = [
+    "BUILTIN_MODELS",
     "FAMILIES",
     "Member",
     "ModelFamily",
@@ -27,6 +29,7 @@ __all__ = [
     "family_for",
     "family_for_config",
     "family_for_model",
+    "resolve_model",
 ]
 
 
@@ -52,9 +55,9 @@ def family_for_model(model) -> ModelFamily:
 
 
 def family_for(source: str | Path) -> ModelFamily:
-    """The family of `toy` (the built-in tiny CTC model), a local model directory (read from
-    its config.json without loading anything) or a hub id (its config, when online)."""
-    source = str(source)
+    """The family of a built-in model (`families.builtin`), a local model directory (read
+    from its config.json without loading anything) or a hub id (its config, when online)."""
+    source = resolve_model(str(source))
     if source == "toy":
         return FAMILIES[0]
     path = Path(source)
