@@ -60,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
         {
             "index": i,
             "audio": load_audio(u.audio_path, rate),
-            "labels": family.labels(processor, u.transcript),
+            "labels": family.labels(processor, u),
         }
         for i, u in enumerate(utterances[: args.clips])
     ]

@@ -43,6 +43,9 @@ def main() -> None:
             dest = tmp / split / trans.parent.relative_to(args.synth / split)
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(trans, dest / trans.name)
+            written = trans.with_name(trans.name.replace(".trans.txt", ".written.txt"))
+            if written.is_file():
+                shutil.copy2(written, dest / written.name)
             for flac in sorted(trans.parent.glob("*.flac")):
                 audio, rate = sf.read(flac, dtype="float32")
                 sf.write(

@@ -162,7 +162,7 @@ def test_bucket_batches_respect_padded_seconds():
 def test_collator_pads_audio_and_labels(toy_corpus, tiny_model_dir):
     utterances, _ = load_corpus(toy_corpus / "train")
     tokenizer = load_tokenizer(tiny_model_dir)
-    dataset = SpeechDataset(utterances[:3], 16000, lambda text: tokenizer(text).input_ids)
+    dataset = SpeechDataset(utterances[:3], 16000, lambda utt: tokenizer(utt.transcript).input_ids)
     from transformers import Wav2Vec2Config
 
     processor = CTCProcessor(feature_extractor_for(Wav2Vec2Config()), tokenizer)
@@ -174,3 +174,29 @@ def test_collator_pads_audio_and_labels(toy_corpus, tiny_model_dir):
     for row, n in enumerate(lengths):
         assert (batch["labels"][row, n:] == -100).all() and (batch["labels"][row, :n] >= 0).all()
     assert check_utterances(utterances[:1], vocab=set())[1][0].kind == "out_of_vocabulary"
+
+
+def test_written_forms_ride_with_the_transcripts(tmp_path, toy_corpus):
+    import shutil
+
+    corpus = tmp_path / "c"
+    shutil.copytree(toy_corpus / "dev", corpus)
+    trans = sorted(corpus.rglob("*.trans.txt"))[0]
+    first = trans.read_text().splitlines()[0].split(" ", 1)[0]
+    trans.with_name(trans.name.replace(".trans.txt", ".written.txt")).write_text(
+        f"{first} Ad, on!\n"
+    )
+    utterances, report = load_corpus(corpus)
+    by_id = {u.utt_id: u for u in utterances}
+    assert by_id[first].written == "Ad, on!"  # kept through the checks
+    assert sum(u.written is not None for u in utterances) == 1 and report.problems == []
+
+
+def test_the_embedded_corpus_has_its_written_forms():
+    from pinchgate.data.builtin import resolve_corpus
+
+    for split in ("train", "dev", "test", "test-unseen"):
+        utterances, _ = read_corpus(resolve_corpus(f"embedded:{split}"))
+        assert all(
+            u.written and normalize_transcript(u.written) == u.transcript for u in utterances
+        )

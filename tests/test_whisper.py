@@ -21,6 +21,7 @@ import runs
 from pinchgate.cli import app
 from pinchgate.compress import run_compress
 from pinchgate.config import CompressConfig, FinetuneConfig
+from pinchgate.data.corpus import Utterance
 from pinchgate.errors import PinchgateError
 from pinchgate.families import count_parameters, family_for
 from pinchgate.families.whisper import (
@@ -77,20 +78,28 @@ def test_labels_collator_and_window(tiny_whisper_dir, toy_corpus, tmp_path):
     processor, new_head = family.prepare_processor(cfg, tmp_path, [])
     assert new_head is False
     tokenizer = processor.tokenizer
-    labels = family.labels(processor, "AD ON")
+    labels = family.labels(processor, Utterance("u", Path("u.flac"), "AD ON"))
     start, no_timestamps = tokenizer.convert_tokens_to_ids(
         ["<|startoftranscript|>", "<|notimestamps|>"]
     )
     assert labels[0] == no_timestamps and start not in labels
     assert labels[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(labels, skip_special_tokens=True) == "Ad on."
+    assert tokenizer.decode(labels, skip_special_tokens=True) == "Ad on."  # no written form
+    written = Utterance("u", Path("u.flac"), "AD ON", written="Ad, on!")
+    assert (
+        tokenizer.decode(family.labels(processor, written), skip_special_tokens=True) == "Ad, on!"
+    )
     # The window: the longest clip of the run's corpora, whole seconds up.
     longest = max(
         sf.info(p).duration for p in toy_corpus.rglob("*.flac") if p.parts[-4] in ("train", "test")
     )
     assert processor.window_seconds == int(longest) + 1 <= 5
     items = [
-        {"index": i, "audio": torch.zeros(n).numpy(), "labels": family.labels(processor, t)}
+        {
+            "index": i,
+            "audio": torch.zeros(n).numpy(),
+            "labels": family.labels(processor, Utterance(str(i), Path("u.flac"), t)),
+        }
         for i, (n, t) in enumerate([(8000, "A"), (12000, "AD ON TEST")])
     ]
     batch = family.collate(processor, items)

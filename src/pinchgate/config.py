@@ -54,7 +54,7 @@ class FinetuneConfig:
     # Whisper models only (pinchgate.families.whisper):
     window: int | None = None  # encoder window, s; default: the longest clip, rounded up
     language: str | None = None  # multilingual models: the transcripts' language (e.g. en)
-    text_style: str = "sentence"  # training targets: sentence | lower | as-is
+    text_style: str = "written"  # training targets: written | sentence | lower | as-is
     freeze_encoder: bool = False  # train the decoder only
 
     # Fields that may change when a run is resumed; everything else must match.

@@ -54,7 +54,7 @@ def bucket_batches(
 class SpeechDataset(torch.utils.data.Dataset):
     """Decoded audio and label ids for each utterance, read lazily.
 
-    ``labels`` turns a transcript into label ids (the model family's tokenizer); without it
+    ``labels`` turns an utterance into label ids (the model family's tokenizer); without it
     items carry audio only. The padding collator is the family's.
     """
 
@@ -62,7 +62,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         self,
         utterances: list[Utterance],
         sample_rate: int,
-        labels: Callable[[str], list[int]] | None = None,
+        labels: Callable[[Utterance], list[int]] | None = None,
     ) -> None:
         self.utterances = utterances
         self.sample_rate = sample_rate
@@ -75,7 +75,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         utt = self.utterances[index]
         item = {"index": index, "audio": load_audio(utt.audio_path, self.sample_rate)}
         if self.labels is not None:
-            item["labels"] = self.labels(utt.transcript)
+            item["labels"] = self.labels(utt)
         return item
 
     @property

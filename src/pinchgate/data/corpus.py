@@ -28,6 +28,9 @@ class Utterance:
     audio_path: Path
     transcript: str
     duration: float | None = None
+    # The same words as written (cased, punctuated), where the corpus has them: what
+    # models trained on written text (Whisper) are best taught with.
+    written: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ def read_librispeech(root: str | Path) -> tuple[list[Utterance], list[Problem]]:
     named: set[Path] = set()  # audio files some transcript line names
     for trans in trans_files:
         audio_by_id = {p.stem: p for p in trans.parent.iterdir() if p.suffix in AUDIO_SUFFIXES}
+        written = read_written(trans.with_name(trans.name.replace(".trans.txt", ".written.txt")))
         for line_no, raw in enumerate(trans.read_bytes().splitlines(), 1):
             location = f"{trans}:{line_no}"
             try:
@@ -170,13 +174,26 @@ def read_librispeech(root: str | Path) -> tuple[list[Utterance], list[Problem]]:
                 )
                 continue
             named.add(audio)
-            utterances.append(Utterance(utt_id, audio, text.strip()))
+            utterances.append(Utterance(utt_id, audio, text.strip(), written=written.get(utt_id)))
     for audio in sorted(p for p in root.rglob("*") if p.suffix in AUDIO_SUFFIXES):
         if audio not in named and audio.is_file():
             problems.append(
                 Problem("orphan_audio", str(audio), "audio file without a transcript line")
             )
     return utterances, problems
+
+
+def read_written(path: Path) -> dict[str, str]:
+    """`<speaker>-<chapter>.written.txt` beside a `.trans.txt`: lines `UTT-ID Written text.`,
+    the transcripts as written (optional; a file that is not UTF-8 is ignored)."""
+    if not path.is_file():
+        return {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        return {}
+    pairs = (line.strip().partition(" ") for line in lines if line.strip())
+    return {utt_id: text.strip() for utt_id, _, text in pairs if text.strip()}
 
 
 def read_manifest(path: str | Path) -> tuple[list[Utterance], list[Problem]]:
@@ -214,7 +231,9 @@ def read_manifest(path: str | Path) -> tuple[list[Utterance], list[Problem]]:
         except ValueError:
             problems.append(Problem("bad_row", location, f"duration {duration!r} is not a number"))
             continue
-        utterances.append(Utterance(utt_id, audio_path, str(text).strip(), duration))
+        written = row.get("written")
+        written = str(written).strip() if written not in (None, "") else None
+        utterances.append(Utterance(utt_id, audio_path, str(text).strip(), duration, written))
     return utterances, problems
 
 
@@ -293,7 +312,7 @@ def check_utterances(
         if found is not None:
             problems.append(Problem(found[0], where, found[1]))
             continue
-        kept.append(Utterance(utt.utt_id, utt.audio_path, text, duration))
+        kept.append(Utterance(utt.utt_id, utt.audio_path, text, duration, utt.written))
     return kept, problems
 
 

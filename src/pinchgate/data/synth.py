@@ -5,7 +5,7 @@ speaking rate and pitch, a small speed perturbation, light synthetic reverberati
 light noise, and is written as 16 kHz mono FLAC in LibriSpeech layout::
 
     <out>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt:04d>.flac
-    <out>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+    <out>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt  (and .written.txt)
     <out>/SPEAKERS.txt, <out>/corpus.json
 
 Splits: pretrain, train, dev and test use the same ("seen") voices; test-unseen uses only
@@ -569,6 +569,9 @@ def _run_chapter(task: ChapterTask) -> ChapterResult:
         lengths.append((plan.utt_id, len(clean)))
     lines = [f"{plan.utt_id} {plan.transcript}\n" for plan in task.utterances]
     (chapter_dir / f"{chapter_key}.trans.txt").write_text("".join(lines), encoding="utf-8")
+    # What the engine read, cased and punctuated: the written form (data.corpus.read_written).
+    written = [f"{plan.utt_id} {plan.text}\n" for plan in task.utterances]
+    (chapter_dir / f"{chapter_key}.written.txt").write_text("".join(written), encoding="utf-8")
     return task.split, voice.speaker_id, task.chapter_id, lengths
 
 

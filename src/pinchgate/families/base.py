@@ -102,8 +102,8 @@ class ModelFamily(ABC):
         """Audio samples per second the processor expects."""
 
     @abstractmethod
-    def labels(self, processor, transcript: str) -> list[int]:
-        """Label ids of one (normalised) transcript."""
+    def labels(self, processor, utterance) -> list[int]:
+        """Label ids of one utterance (its normalised transcript, or its written form)."""
 
     @abstractmethod
     def collate(self, processor, items: list[dict]) -> dict[str, torch.Tensor]:

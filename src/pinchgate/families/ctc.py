@@ -619,8 +619,8 @@ class CTCFamily(ModelFamily):
     def sampling_rate(self, processor):
         return processor.sampling_rate
 
-    def labels(self, processor, transcript):
-        return processor.tokenizer(transcript).input_ids
+    def labels(self, processor, utterance):
+        return processor.tokenizer(utterance.transcript).input_ids
 
     def collate(self, processor, items):
         """Pads audio with the feature extractor and labels with -100 (ignored by CTC)."""

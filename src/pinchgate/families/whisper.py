@@ -66,7 +66,7 @@ TOKENS_PER_SECOND = 6  # bound on new tokens per second of audio (speech is ~3-4
 TOKEN_MARGIN = 10
 RUNAWAY_PERIOD = 8  # the longest repeated n-gram the guard looks for
 RUNAWAY_TOKENS = 16  # how long a repeating tail must be to count as a loop
-TEXT_STYLES = ("sentence", "lower", "as-is")
+TEXT_STYLES = ("written", "sentence", "lower", "as-is")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 STRUCTURE_KEY = "pinchgate_structure"
 STRUCTURE_FORMAT = "pinchgate-whisper-shrunk"
@@ -87,7 +87,8 @@ FRONT_END = r"model\.encoder\.conv[12]"
 
 
 def styled(text: str, style: str) -> str:
-    """A LibriSpeech-style transcript ("HELLO THERE") as a training target."""
+    """A LibriSpeech-style transcript ("HELLO THERE") as a training target (`written`, for
+    an utterance without a written form: as `sentence`)."""
     if style == "as-is":
         return text
     text = text.lower()
@@ -117,7 +118,7 @@ class WhisperRunProcessor:
     """Whisper's processor (feature extractor + tokenizer) with the run's text choices."""
 
     processor: object  # transformers.WhisperProcessor
-    text_style: str = "sentence"
+    text_style: str = "written"
     language: str | None = None
 
     @property
@@ -139,7 +140,7 @@ class WhisperRunProcessor:
         )
 
 
-def load_processor(source: str | Path, text_style="sentence", language=None):
+def load_processor(source: str | Path, text_style="written", language=None):
     from transformers import WhisperProcessor
 
     try:
@@ -572,8 +573,10 @@ class WhisperFamily(ModelFamily):
     def sampling_rate(self, processor):
         return processor.feature_extractor.sampling_rate
 
-    def labels(self, processor, transcript):
-        ids = processor.tokenizer(styled(transcript, processor.text_style)).input_ids
+    def labels(self, processor, utterance):
+        text = utterance.written if processor.text_style == "written" else None
+        text = text or styled(utterance.transcript, processor.text_style)
+        ids = processor.tokenizer(text).input_ids
         return ids[1:]  # the model prepends the start token itself (decoder_start_token_id)
 
     def collate(self, processor, items):
