@@ -63,6 +63,22 @@ def _quiet_libraries() -> None:
 
 
 Opt = typer.Option
+# Options of Whisper models, shared by `finetune` and `compress`.
+WindowOption = Annotated[
+    int | None, Opt(help="Whisper: encoder window in s (default: the longest clip, rounded up).")
+]
+LanguageOption = Annotated[
+    str | None, Opt(help="Whisper, multilingual models: the transcripts' language.")
+]
+TextStyleOption = Annotated[
+    str | None,
+    Opt(
+        help="Whisper: training targets: written (default; else sentence), sentence, lower, as-is."
+    ),
+]
+FreezeEncoderOption = Annotated[
+    bool | None, Opt(help="Whisper: train the decoder only (default: no).")
+]
 
 
 @app.command()
@@ -98,19 +114,10 @@ def finetune(
     freeze_feature_encoder: Annotated[
         bool | None, Opt(help="Freeze the CNN feature encoder (default: yes).")
     ] = None,
-    window: Annotated[
-        int | None,
-        Opt(help="Whisper: encoder window in s (default: the longest clip, rounded up)."),
-    ] = None,
-    language: Annotated[
-        str | None, Opt(help="Whisper, multilingual models: the transcripts' language.")
-    ] = None,
-    text_style: Annotated[
-        str | None, Opt(help="Whisper: training targets as sentence (default), lower, as-is.")
-    ] = None,
-    freeze_encoder: Annotated[
-        bool | None, Opt(help="Whisper: train the decoder only (default: no).")
-    ] = None,
+    window: WindowOption = None,
+    language: LanguageOption = None,
+    text_style: TextStyleOption = None,
+    freeze_encoder: FreezeEncoderOption = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     log_every: Annotated[int | None, Opt(help="Steps between metric log lines.")] = None,
@@ -223,19 +230,10 @@ def compress(
         Opt(help="Also train that dense reference (after compressing), in OUTPUT/dense."),
     ] = None,
     freeze_feature_encoder: Annotated[bool | None, Opt(help="Freeze the CNN encoder.")] = None,
-    window: Annotated[
-        int | None,
-        Opt(help="Whisper: encoder window in s (default: the longest clip, rounded up)."),
-    ] = None,
-    language: Annotated[
-        str | None, Opt(help="Whisper, multilingual models: the transcripts' language.")
-    ] = None,
-    text_style: Annotated[
-        str | None, Opt(help="Whisper: training targets as sentence (default), lower, as-is.")
-    ] = None,
-    freeze_encoder: Annotated[
-        bool | None, Opt(help="Whisper: train the decoder only (default: no).")
-    ] = None,
+    window: WindowOption = None,
+    language: LanguageOption = None,
+    text_style: TextStyleOption = None,
+    freeze_encoder: FreezeEncoderOption = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     log_every: Annotated[int | None, Opt(help="Steps between log lines.")] = None,

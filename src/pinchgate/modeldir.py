@@ -175,6 +175,22 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def load_auto_config(source: str | Path, check_dir=check_model_dir):
+    """The transformers config of a local directory (checked by `check_dir` first) or, when
+    online, a hub id; one-line errors."""
+    from transformers import AutoConfig
+
+    source = str(source)
+    if is_local_model(source):
+        check_dir(Path(source))
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        if is_local_model(source):
+            raise ModelLoadError(f"{source}: unreadable model config ({exc})") from None
+        raise hub_error(source) from None
+
+
 def read_config(model_dir: Path):
     """The transformers config of a model directory (one-line errors)."""
     from transformers import AutoConfig

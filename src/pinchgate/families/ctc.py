@@ -21,7 +21,6 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import (
-    AutoConfig,
     AutoModelForCTC,
     PretrainedConfig,
     PreTrainedModel,
@@ -45,9 +44,8 @@ from pinchgate.families.ctc_vocab import (
 from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
 from pinchgate.modeldir import (
     check_loading_info,
-    check_model_dir,
-    hub_error,
     is_local_model,
+    load_auto_config,
     one_line,
     read_config,
     read_state_dict,
@@ -125,15 +123,7 @@ class CTCProcessor:
 
 
 def load_config(source: str | Path) -> PretrainedConfig:
-    source = str(source)
-    if is_local_model(source):
-        check_model_dir(Path(source))
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as exc:
-        if is_local_model(source):
-            raise ModelLoadError(f"{source}: unreadable model config ({exc})") from None
-        raise hub_error(source) from None
+    config = load_auto_config(source)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"{source}: model type {config.model_type!r} is not supported "

@@ -53,8 +53,7 @@ from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
 from pinchgate.modeldir import (
     check_loading_info,
     check_model_dir,
-    hub_error,
-    is_local_model,
+    load_auto_config,
     read_config,
     read_state_dict,
     weight_files,
@@ -187,17 +186,7 @@ def check_whisper_dir(path: Path) -> None:
 
 
 def load_config(source: str | Path):
-    from transformers import AutoConfig
-
-    source = str(source)
-    if is_local_model(source):
-        check_whisper_dir(Path(source))
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as exc:
-        if is_local_model(source):
-            raise ModelLoadError(f"{source}: unreadable model config ({exc})") from None
-        raise hub_error(source) from None
+    config = load_auto_config(source, check_whisper_dir)
     if config.model_type != "whisper":
         raise ModelLoadError(f"{source}: model type {config.model_type!r} is not whisper")
     return config
