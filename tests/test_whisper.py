@@ -326,3 +326,19 @@ def test_clips_longer_than_the_window_are_skipped_and_counted(gated_run, toy_cor
     result = runner.invoke(app, ["evaluate", str(out / "model"), "--data", str(tmp_path / "long")])
     assert result.exit_code == 0, result.output
     assert "1 utterances" in result.output and "1 too_long" in result.output
+
+
+def test_a_frozen_decoder_is_pruned_but_not_trained(tiny_whisper_dir, toy_corpus, tmp_path):
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=2.5)
+    cfg.freeze_decoder, cfg.train_dense_reference = True, False
+    c = run_compress(cfg)["compression"]
+    assert c["gated_kept"] == c["target_gated_kept"]
+    start = family_for(tiny_whisper_dir).load(tiny_whisper_dir).state_dict()
+    end = family_for(tmp_path / "model").load(tmp_path / "model").state_dict()
+    for name, after in end.items():
+        if name.startswith("model.decoder.") and "embed_positions" not in name:
+            before = start[name]
+            kept = after != 0
+            assert torch.equal(after[kept], before[kept]), name  # pruned, else untouched
+    trained = end["model.encoder.layers.0.fc1.weight"] != start["model.encoder.layers.0.fc1.weight"]
+    assert trained.any()

@@ -77,7 +77,11 @@ TextStyleOption = Annotated[
     ),
 ]
 FreezeEncoderOption = Annotated[
-    bool | None, Opt(help="Whisper: train the decoder only (default: no).")
+    bool | None, Opt(help="Whisper: keep the encoder's weights as they are (default: no).")
+]
+FreezeDecoderOption = Annotated[
+    bool | None,
+    Opt(help="Whisper: keep the decoder's weights (and the tied embedding) as they are."),
 ]
 
 
@@ -118,6 +122,7 @@ def finetune(
     language: LanguageOption = None,
     text_style: TextStyleOption = None,
     freeze_encoder: FreezeEncoderOption = None,
+    freeze_decoder: FreezeDecoderOption = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     log_every: Annotated[int | None, Opt(help="Steps between metric log lines.")] = None,
@@ -234,6 +239,7 @@ def compress(
     language: LanguageOption = None,
     text_style: TextStyleOption = None,
     freeze_encoder: FreezeEncoderOption = None,
+    freeze_decoder: FreezeDecoderOption = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     log_every: Annotated[int | None, Opt(help="Steps between log lines.")] = None,

@@ -55,7 +55,8 @@ class FinetuneConfig:
     window: int | None = None  # encoder window, s; default: the longest clip, rounded up
     language: str | None = None  # multilingual models: the transcripts' language (e.g. en)
     text_style: str = "written"  # training targets: written | sentence | lower | as-is
-    freeze_encoder: bool = False  # train the decoder only
+    freeze_encoder: bool = False  # keep the encoder's weights (gates still prune them)
+    freeze_decoder: bool = False  # keep the decoder's weights and the tied embedding
 
     # Fields that may change when a run is resumed; everything else must match.
     RESUMABLE_CHANGES = ("log_every", "save_every", "keep_checkpoints", "num_workers", "eval_every")

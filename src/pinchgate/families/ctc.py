@@ -95,7 +95,12 @@ PRETRAINING_ONLY = (
 )
 
 # Run options that only Whisper models have, with the value that means "not used".
-WHISPER_OPTIONS = {"window": None, "language": None, "freeze_encoder": False}
+WHISPER_OPTIONS = {
+    "window": None,
+    "language": None,
+    "freeze_encoder": False,
+    "freeze_decoder": False,
+}
 STRUCTURE_KEY = "pinchgate_structure"  # the config.json entry of a shrunken model
 STRUCTURE_FORMAT = "pinchgate-shrunk"
 STRUCTURE_VERSION = 1

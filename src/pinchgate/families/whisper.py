@@ -556,6 +556,8 @@ class WhisperFamily(ModelFamily):
                 conv.requires_grad_(False)
         if cfg.freeze_encoder:
             model.model.encoder.requires_grad_(False)
+        if cfg.freeze_decoder:  # the decoder's language model as pretrained
+            model.model.decoder.requires_grad_(False)
         follow_embedding(model)
         return model.train()
 
