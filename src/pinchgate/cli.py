@@ -79,6 +79,10 @@ TextStyleOption = Annotated[
 FreezeEncoderOption = Annotated[
     bool | None, Opt(help="Whisper: keep the encoder's weights as they are (default: no).")
 ]
+ZeroShotOption = Annotated[
+    bool | None,
+    Opt(help="Also score the starting model on the test sets (default: on for Whisper presets)."),
+]
 FreezeDecoderOption = Annotated[
     bool | None,
     Opt(help="Whisper: keep the decoder's weights (and the tied embedding) as they are."),
@@ -123,6 +127,7 @@ def finetune(
     text_style: TextStyleOption = None,
     freeze_encoder: FreezeEncoderOption = None,
     freeze_decoder: FreezeDecoderOption = None,
+    zero_shot: ZeroShotOption = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     log_every: Annotated[int | None, Opt(help="Steps between metric log lines.")] = None,
@@ -240,6 +245,7 @@ def compress(
     text_style: TextStyleOption = None,
     freeze_encoder: FreezeEncoderOption = None,
     freeze_decoder: FreezeDecoderOption = None,
+    zero_shot: ZeroShotOption = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
     log_every: Annotated[int | None, Opt(help="Steps between log lines.")] = None,
