@@ -239,8 +239,11 @@ def test_runaway_start_finds_loops_and_leaves_speech_alone():
     loop = [5, 6, 7] * 8
     assert runaway_start([1, 2] + loop) == 2 + 3  # cut back to one occurrence
     assert runaway_start([9] * RUNAWAY_TOKENS) == 1
-    assert runaway_start([9] * (RUNAWAY_TOKENS - 1)) is None
+    assert runaway_start([9] * (RUNAWAY_TOKENS - 1)) is None  # "word word word" is speech
     assert runaway_start([4, 4, 8, 8, 4, 4]) is None
+    phrase = [31, 32, 33, 34, 35]  # a prompt read out once, then again: a loop
+    assert runaway_start([1] + phrase + phrase) == 1 + len(phrase)
+    assert runaway_start([1] + phrase + phrase[:3]) is None
 
 
 def test_a_looping_model_is_stopped(gated_run, toy_corpus):

@@ -20,8 +20,9 @@ What pinchgate knows about Whisper lives here:
   so casing, punctuation, numbers ("nineteen sixty one" = "1961") and spelling variants do
   not count as errors.
 - **Decoding**: batched `generate`, greedy or beam; at most `6 x seconds + 10` new tokens,
-  and a sequence whose tail repeats one n-gram (n <= 8) at least 16 tokens long is stopped
-  and cut back to one occurrence, so no clip can loop.
+  and a sequence whose tail repeats itself (a phrase of 4-16 tokens twice in a row, or a
+  shorter n-gram over 16 tokens) is stopped and cut back to one occurrence, so no clip can
+  loop.
 - **Gates**: every Linear of encoder and decoder (self-attention, cross-attention,
   feed-forward) and the token embedding, which is also the output projection: one tensor,
   gated once (one threshold, one mask, used in both places: `proj_out` follows the
@@ -63,8 +64,9 @@ SAMPLING_RATE = 16000
 FRAMES_PER_SECOND = 100  # the feature extractor's hop is 10 ms
 TOKENS_PER_SECOND = 6  # bound on new tokens per second of audio (speech is ~3-4)
 TOKEN_MARGIN = 10
-RUNAWAY_PERIOD = 8  # the longest repeated n-gram the guard looks for
-RUNAWAY_TOKENS = 16  # how long a repeating tail must be to count as a loop
+RUNAWAY_PERIOD = 16  # the longest repeated n-gram the guard looks for
+RUNAWAY_TOKENS = 16  # how long a tail repeating a short n-gram must be to count as a loop
+RUNAWAY_PHRASE = 4  # an n-gram this long or longer said twice in a row is a loop already
 TEXT_STYLES = ("written", "sentence", "lower", "as-is")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 STRUCTURE_KEY = "pinchgate_structure"
@@ -279,20 +281,30 @@ def unfollow_embedding(model: nn.Module) -> None:
 
 
 def runaway_start(tokens: list[int]) -> int | None:
-    """Where a tail of at least RUNAWAY_TOKENS tokens that repeats one n-gram (n <= 8)
-    begins its second occurrence, or None."""
+    """Where the second occurrence begins of an n-gram the tail repeats: a phrase of 4 to 16
+    tokens said twice in a row, or a shorter n-gram repeated over at least 16 tokens ("word
+    word word" is speech; "press 0 for options press 0 for options" from one prompt is a
+    loop). None when the tail does not repeat."""
     for period in range(1, RUNAWAY_PERIOD + 1):
-        repeats = math.ceil(RUNAWAY_TOKENS / period)
+        repeats = 2 if period >= RUNAWAY_PHRASE else math.ceil(RUNAWAY_TOKENS / period)
         span = period * repeats
         if len(tokens) < span:
             continue
         tail = tokens[-span:]
+        if repeats == 2 and _periodic(tail[:period]):
+            continue  # e.g. 8 equal tokens: a short n-gram, which needs RUNAWAY_TOKENS
         if all(tail[i] == tail[i % period] for i in range(span)):
             start = len(tokens) - span  # extend back as far as the pattern goes
             while start >= period and tokens[start - 1] == tokens[start - 1 + period]:
                 start -= 1
             return start + period
     return None
+
+
+def _periodic(unit: list[int]) -> bool:
+    """Whether the n-gram is itself a shorter n-gram repeated."""
+    n = len(unit)
+    return any(n % d == 0 and unit == unit[:d] * (n // d) for d in range(1, n))
 
 
 def _stopping_criteria():
