@@ -4,13 +4,16 @@
         [--out runs/ablation] [--only NAME ...] [--table-only] [-- EXTRA COMPRESS OPTIONS]
 
 Runs `pinchgate compress` (the embedded default unless extra options say otherwise) once per
-variant into `OUT-NAME`, each changing one thing from the default (one threshold per matrix,
-tau fixed, Lagrangian controller):
+variant into `OUT-NAME`, each changing one thing from the default recipe (one threshold per
+matrix, Lagrangian controller; the stand-in's preset keeps tau fixed, Whisper's anneals it
+and runs the multipliers 10x faster, so one of each tau pair repeats the default):
 
     default        (nothing changed)
     tying-block    --tying block                 one threshold per transformer block
     tying-global   --tying global                one threshold for the model
     tau-annealed   --tau-final 0.1               tau annealed to a tenth by the freeze step
+    tau-fixed      --tau-final 1                 tau fixed (Whisper's preset anneals it)
+    slow-controller --multiplier-lr 0.05         the generic multiplier pace (Whisper's: 0.5)
     penalty        --sparsity-control penalty    fixed quadratic term, weight 10, no multipliers
 
 A variant whose `report.json` exists is not run again (a killed run resumes: the command is
@@ -34,6 +37,8 @@ VARIANTS = {
     "tying-block": ["--tying", "block"],
     "tying-global": ["--tying", "global"],
     "tau-annealed": ["--tau-final", "0.1"],
+    "tau-fixed": ["--tau-final", "1"],
+    "slow-controller": ["--multiplier-lr", "0.05"],
     "penalty": ["--sparsity-control", "penalty", "--penalty-weight", "10"],
 }
 

@@ -223,8 +223,21 @@ class CompressConfig(FinetuneConfig):
         base = FinetuneConfig.embedded().to_dict()
         base["output_dir"] = "runs/embedded-compress"
         # wav2vec2-base -65%, the paper's first result; the dense reference makes the report
-        # complete (its cost is reported separately).
-        return cls(**base, target_ratio=2.86, train_dense_reference=True)
+        # complete (its cost is reported separately). In 150 steps the controller's default
+        # pace left the hard sparsity far below the target (0.53 of 0.67 at step 120) and the
+        # exact fit's jump then broke tiny.en; a 10x faster multiplier lands by step 90, and
+        # tau annealed to a tenth sharpens the soft mask before the freeze, so the exact fit
+        # moves the thresholds less; pruned weights need a higher rate to recover (3e-5: dev
+        # 31.9% against 42.8% at 1e-5), and the dense reference is trained the same way
+        # (docs/RESULTS.md, "Choosing the schedule").
+        base["learning_rate"] = 3e-5
+        return cls(
+            **base,
+            target_ratio=2.86,
+            train_dense_reference=True,
+            multiplier_lr=0.5,
+            tau_final=0.1,
+        )
 
     @classmethod
     def standin(cls) -> CompressConfig:
