@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps is not None:
         base.max_steps = args.max_steps
     base.train_dense_reference = False
+    base.zero_shot = False  # the same for every method: the main command scores it once
     unknown = sorted(set(args.methods) - set(METHODS) - set(EXTRA_METHODS))
     if unknown:
         choices = ", ".join(METHODS + EXTRA_METHODS)

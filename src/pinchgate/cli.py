@@ -15,7 +15,7 @@ from rich.console import Console
 from pinchgate.errors import PinchgateError
 
 app = typer.Typer(
-    help="Compress speech foundation models (Whisper, wav2vec 2.0, HuBERT, WavLM) in one training pass.",
+    help="Compress speech foundation models (Whisper, wav2vec 2.0, HuBERT, WavLM) in one pass.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
