@@ -2,7 +2,8 @@
 # Every embedded-default measurement in docs/RESULTS.md (Whisper tiny.en), in the order they
 # depend on each other:
 #   1. the main command, timed (zero-shot, gates at 2.86x, the dense reference);
-#   2. zero-shot tiny.en at the stock 30 s window (the window's cost in WER);
+#   2. zero-shot tiny.en at the stock 30 s window (the window's cost in WER), and one-shot
+#      magnitude pruning with no training (how much tiny.en tolerates);
 #   3. the comparison benchmark at 2.86x and 4.26x (every method, and the gates at equal
 #      compute), and the gates alone at 2x and 6x;
 #   4. gate overhead (a compression step against a dense step);
@@ -36,6 +37,8 @@ step main "$runs/embedded-compress/report.json" \
 step zero-shot-30s "$runs/zero-shot-30s/results.json" pinchgate evaluate whisper-tiny.en \
     --data embedded:test --data embedded:test-unseen --data embedded:real \
     --output-dir "$runs/zero-shot-30s"
+
+step oneshot "" python benchmarks/oneshot_sensitivity.py
 
 c="$runs/compare"
 step compare "$c/seed0/structured-4.26x/report.json" python benchmarks/compare.py \

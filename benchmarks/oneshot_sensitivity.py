@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from pinchgate import masking
     from pinchgate.data.builtin import resolve_corpus
     from pinchgate.data.corpus import load_corpus

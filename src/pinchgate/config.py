@@ -229,7 +229,7 @@ class CompressConfig(FinetuneConfig):
         # tau annealed to a tenth sharpens the soft mask before the freeze, so the exact fit
         # moves the thresholds less; pruned weights need a higher rate to recover (3e-5: dev
         # 31.9% against 42.8% at 1e-5), and the dense reference is trained the same way
-        # (docs/RESULTS.md, "Choosing the schedule").
+        # (docs/RESULTS.md, "Choosing the Whisper schedule").
         base["learning_rate"] = 3e-5
         return cls(
             **base,
