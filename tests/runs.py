@@ -77,3 +77,21 @@ def assert_same_weights(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=atol, rtol=0), key
+
+
+def two_process_compression(command: list[str], out: Path) -> dict:
+    """Run a `pinchgate compress` command line (as `cli_command` builds it) under
+    `torchrun --nproc_per_node 2` (gloo on CPU) and check what every two-process compression
+    must give: both replicas agree on every hardened weight, and the landing is exact.
+    Returns the run's results.json."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    full = [torchrun, "--nproc_per_node", "2", "-m", "pinchgate", *command[3:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(full, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = json.loads((out / "results.json").read_text())
+    # replicas_agree compares every hardened weight of both processes: masks and values.
+    assert final["processes"] == 2 and final["replicas_agree"] is True
+    c = final["compression"]
+    assert c["gated_kept"] == c["target_gated_kept"]
+    return final

