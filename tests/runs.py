@@ -95,3 +95,25 @@ def two_process_compression(command: list[str], out: Path) -> dict:
     c = final["compression"]
     assert c["gated_kept"] == c["target_gated_kept"]
     return final
+
+
+def perturbed_teacher_task() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A cheap stand-in for fine-tuning a pretrained model: a student MLP that starts as a
+    teacher MLP with every weight perturbed by 0.3 x its tensor's RMS, and the teacher's
+    regression data (1024 points, small noise). Seed torch first; returns (student, x, y)."""
+    from torch import nn
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
+        )
+
+    teacher = mlp()
+    x = torch.randn(1024, 16)
+    y = teacher(x).detach() + 0.01 * torch.randn(1024, 1)
+    model = mlp()
+    model.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * p.pow(2).mean().sqrt() * torch.randn_like(p))
+    return model, x, y

@@ -349,28 +349,13 @@ def _controller_run(steps: int, target: float = 0.68) -> tuple[float, float, flo
     """The trainer's optimiser and schedule (`build_optimizer`, `get_scheduler`) and the gate
     method's groups and sparsity term, on a perturbed teacher MLP: (hard sparsity at the
     freeze step, before the exact fit; largest |lambda1|; largest lambda2)."""
-    from torch import nn
-
     from pinchgate.gates import GateConfig, attach_gates
     from pinchgate.methods.gates import GateMethod
     from pinchgate.sparsity import SparsityController
     from pinchgate.train import build_optimizer
 
     torch.manual_seed(0)
-
-    def mlp() -> nn.Module:
-        return nn.Sequential(
-            nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
-        )
-
-    teacher = mlp()
-    x = torch.randn(1024, 16)
-    y = teacher(x).detach() + 0.01 * torch.randn(1024, 1)
-    model = mlp()
-    model.load_state_dict(teacher.state_dict())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * p.pow(2).mean().sqrt() * torch.randn_like(p))
+    model, x, y = runs.perturbed_teacher_task()
     cfg = CompressConfig(
         max_steps=steps, warmup_steps=steps // 10, learning_rate=1e-3, target_sparsity=target
     )

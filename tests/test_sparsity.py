@@ -3,8 +3,8 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
+import runs
 from pinchgate.gates import GateConfig, attach_gates, tau_anneal_factor
 from pinchgate.sparsity import (
     SparsityController,
@@ -133,23 +133,11 @@ def test_penalty_control_keeps_a_fixed_quadratic_weight():
 # --- end to end on a toy ----------------------------------------------------------------------
 
 
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
-    )
-
-
 def _compress_toy(target: float, steps: int = 300, seed: int = 0):
     """One-pass compression of a perturbed 'pretrained' MLP on a teacher regression task."""
     torch.manual_seed(seed)
-    teacher = _mlp()
-    x = torch.randn(1024, 16)
-    y = teacher(x).detach() + 0.01 * torch.randn(1024, 1)
-    model = _mlp()
-    model.load_state_dict(teacher.state_dict())
+    model, x, y = runs.perturbed_teacher_task()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * p.pow(2).mean().sqrt() * torch.randn_like(p))
         mse_start = (model(x) - y).pow(2).mean().item()
     gates = attach_gates(model, GateConfig(include=(r"\d+",), tau_rel=0.2))
     controller = SparsityController(target, steps, ramp_fraction=0.3, lr=0.05)
