@@ -588,43 +588,89 @@ def unpack(
 @app.command()
 @user_errors
 def export(
-    model_dir: Annotated[Path, typer.Argument(help="HF model, run or packed directory.")],
-    output: Annotated[Path, typer.Argument(help="File to write (e.g. model.onnx).")],
-    output_format: Annotated[str, Opt("--format", help="Export format: onnx.")] = "onnx",
+    model_dir: Annotated[Path, typer.Argument(help="HF model, run, packed or shrunk directory.")],
+    output: Annotated[
+        Path, typer.Argument(help="File (onnx: e.g. model.onnx) or new directory (ct2) to write.")
+    ],
+    output_format: Annotated[
+        str, Opt("--format", help="onnx (CTC models) or ct2 (Whisper, for faster-whisper).")
+    ] = "onnx",
     opset: Annotated[int, Opt(help="ONNX opset version.")] = 18,
+    quantization: Annotated[
+        str | None,
+        Opt(help="ct2: weights as CTranslate2 stores them (int8, float16, ...); default float32."),
+    ] = None,
+    window: Annotated[
+        int | None,
+        Opt(
+            help="ct2, Whisper: encoder window of the export in seconds (30 for faster-whisper, "
+            "which pads every segment to 30 s); default: the model's own."
+        ),
+    ] = None,
     check: Annotated[
-        bool, Opt(help="Run onnxruntime and PyTorch on random audio; print the max logit diff.")
+        bool,
+        Opt(help="onnx: run onnxruntime and PyTorch on random audio; print the max logit diff."),
     ] = False,
     check_data: Annotated[
         list[str] | None,
         Opt(
-            help="Also decode this corpus (repeatable) with onnxruntime and PyTorch; print "
-            "both WERs, identical hypotheses and the max logit diff on its audio."
+            help="Also decode this corpus (repeatable) with the exported model and with PyTorch; "
+            "print both WERs, identical hypotheses and the largest differences on its audio."
         ),
     ] = None,
 ) -> None:
-    """Export to ONNX with dynamic batch and length (CTC: input_values -> logits)."""
+    """Export for a deployment runtime: ONNX (CTC: input_values -> logits, dynamic batch and
+    length) or a CTranslate2 directory (Whisper; faster-whisper loads it)."""
     from pinchgate.data.builtin import corpus_label, resolve_corpus
     from pinchgate.data.corpus import load_corpus
-    from pinchgate.export import check_onnx_on_corpus, export_onnx, onnx_random_difference
+    from pinchgate.export import (
+        check_ct2_on_corpus,
+        check_onnx_on_corpus,
+        export_ct2,
+        export_onnx,
+        onnx_random_difference,
+    )
 
-    if output_format != "onnx":
-        raise PinchgateError(f"--format {output_format!r}: only onnx is supported")
-    export_onnx(model_dir, output, opset=opset)
-    typer.echo(f"ONNX model in {output}")
+    if output_format not in ("onnx", "ct2"):
+        raise PinchgateError(f"--format {output_format!r}: choose onnx or ct2")
+    if quantization is not None and output_format != "ct2":
+        raise PinchgateError("--quantization: only with --format ct2")
+    if window is not None and output_format != "ct2":
+        raise PinchgateError("--window: only with --format ct2")
+    if check and output_format != "onnx":
+        raise PinchgateError("--check: only with --format onnx (ct2: use --check-data)")
+    if output_format == "ct2":
+        export_ct2(model_dir, output, quantization, window)
+        typer.echo(f"CTranslate2 model in {output}")
+    else:
+        export_onnx(model_dir, output, opset=opset)
+        typer.echo(f"ONNX model in {output}")
     if check:
         difference = onnx_random_difference(output, model_dir)
         typer.echo(f"max |logit difference| onnxruntime vs PyTorch: {difference:.3g}")
+    runtime = "CTranslate2" if output_format == "ct2" else "onnxruntime"
     for spec in check_data or []:
         utterances, _ = load_corpus(resolve_corpus(spec))
         name = corpus_label(spec)
-        found = check_onnx_on_corpus(output, model_dir, utterances, name)
+        if output_format == "ct2":
+            found = check_ct2_on_corpus(
+                output, model_dir, utterances, name, quantization or "float32", window=window
+            )
+            found["exported"] = found.pop("ct2")
+            differences = (
+                f"max |encoder output difference| {found['encoder_max_abs_diff']:.3g}, "
+                f"max |logit difference| over {found['steps']} greedy steps "
+                f"{found['logits_max_abs_diff']:.3g}"
+            )
+        else:
+            found = check_onnx_on_corpus(output, model_dir, utterances, name)
+            found["exported"] = found.pop("onnx")
+            differences = f"max |logit difference| on its audio {found['max_abs_diff']:.3g}"
         typer.echo(
-            f"{name}: WER PyTorch {100 * found['torch']['wer']:.2f}%, onnxruntime "
-            f"{100 * found['onnx']['wer']:.2f}% (CER {100 * found['torch']['cer']:.2f}% / "
-            f"{100 * found['onnx']['cer']:.2f}%); identical hypotheses "
-            f"{found['same_hypotheses']}/{found['utterances']}; max |logit difference| on "
-            f"its audio {found['max_abs_diff']:.3g}"
+            f"{name}: WER PyTorch {100 * found['torch']['wer']:.2f}%, {runtime} "
+            f"{100 * found['exported']['wer']:.2f}% (CER {100 * found['torch']['cer']:.2f}% / "
+            f"{100 * found['exported']['cer']:.2f}%); identical hypotheses "
+            f"{found['same_hypotheses']}/{found['utterances']}; {differences}"
         )
 
 
@@ -642,10 +688,12 @@ def shrink(
 
     result = shrink_dir(model_dir, output)
     for i, layer in enumerate(result["structure"]["layers"]):
-        typer.echo(
-            f"layer {i:2}: {layer['intermediate_size']} FFN neurons, "
-            f"{len(layer['heads'])} heads {layer['heads']}"
-        )
+        # CTC: intermediate_size, heads; Whisper: self_attn, encoder_attn (heads), ffn.
+        parts = [
+            f"{len(kept)} {name} heads {kept}" if isinstance(kept, list) else f"{kept} {name}"
+            for name, kept in layer.items()
+        ]
+        typer.echo(f"layer {i:2}: " + ", ".join(parts))
     before, after = result["params_before"], result["params_after"]
     typer.echo(f"parameters: {before:,} -> {after:,} ({before / after:.3f}x)")
     typer.echo(f"shrunken model in {output}")

@@ -1,5 +1,6 @@
 """Artifacts of a finished run, whatever the model family: load any saved form, export to ONNX
-(through the family), check ONNX against PyTorch, and shrink a structurally pruned model.
+or CTranslate2 (through the family), check an export against PyTorch, and shrink a
+structurally pruned model.
 
 The packed format itself is `pinchgate.packing`; the model-specific parts (the ONNX graph,
 the shrinking surgery) are the family's.
@@ -85,6 +86,59 @@ def check_onnx_on_corpus(
             model, processor, audio
         )
     out["max_abs_diff"] = float(difference.abs().max())
+    return out
+
+
+def export_ct2(
+    source: str | Path,
+    out_dir: str | Path,
+    quantization: str | None = None,
+    window: int | None = None,
+) -> Path:
+    """Export a model (HF, run, packed or shrunk directory) to a CTranslate2 directory; with
+    `window`, its encoder set to take that many seconds (30 for faster-whisper)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise PinchgateError(f"{out_dir}: already exists and is not empty; choose a new path")
+    model, family, processor, model_dir = load_with_processor(source)
+    family.at_window(model, processor, window)
+    try:
+        return family.export_ct2(model, model_dir, out_dir, quantization)
+    except NotImplementedError as exc:
+        raise PinchgateError(f"{source}: {exc}") from None
+
+
+def check_ct2_on_corpus(
+    ct2_dir: str | Path,
+    source: str | Path,
+    utterances: list,
+    name: str,
+    compute_type: str = "float32",
+    batch_seconds: float = 200.0,
+    window: int | None = None,
+) -> dict:
+    """Decode `utterances` with the CTranslate2 directory and with the PyTorch model it came
+    from: {"torch": scores, "ct2": scores, "same_hypotheses", "utterances",
+    "encoder_max_abs_diff", "logits_max_abs_diff", "steps"} (the differences on the first 8
+    utterances, the logits along the first one's greedy decoding). `window`: the one the
+    directory was exported with, given to the PyTorch model too."""
+    model, family, processor, _ = load_with_processor(source)
+    model, processor = family.at_window(model, processor, window)
+    runtime = family.ct2_runtime_model(Path(ct2_dir), compute_type)
+    references = [u.transcript for u in utterances]
+    out: dict = {"utterances": len(utterances)}
+    hypotheses = {}
+    for label, candidate in (("torch", model), ("ct2", runtime)):
+        hypotheses[label], seconds = transcribe(
+            candidate, family, processor, utterances, batch_seconds
+        )
+        out[label] = {**score(references, hypotheses[label], family.normalizer(processor))}
+        out[label]["decode_seconds"] = seconds
+    pairs = zip(hypotheses["torch"], hypotheses["ct2"], strict=True)
+    out["same_hypotheses"] = sum(a == b for a, b in pairs)
+    rate = family.sampling_rate(processor)
+    audio = [load_audio(u.audio_path, rate) for u in utterances[:8]]
+    out.update(family.ct2_parity(runtime, model, processor, audio))
     return out
 
 

@@ -8,7 +8,7 @@ methods and the exporters never name a module of a particular architecture:
 - decoding (greedy, or a beam search) and the text normalisation used for scoring;
 - which modules are gated by default, the structured units (heads, neurons) and how to
   remove them physically;
-- export: the Hugging Face directory, the model a packed file describes, ONNX.
+- export: the Hugging Face directory, the model a packed file describes, ONNX, CTranslate2.
 
 `pinchgate.families` picks the family of a model from its config's `model_type`
 (`family_for`); `ctc.py` is the CTC family (wav2vec2, HuBERT, WavLM, Data2VecAudio).
@@ -178,6 +178,25 @@ class ModelFamily(ABC):
     def onnx_parity(self, onnx_path: Path, model: nn.Module) -> float:
         """Largest output difference between the ONNX file and ``model`` on random inputs."""
         raise NotImplementedError(f"ONNX models are not available for {self.name} models")
+
+    def at_window(self, model: nn.Module, processor, seconds: int | None):
+        """(model, processor) set to take `seconds` of audio per input, for models with a
+        fixed input window (Whisper); None leaves them as they are."""
+        if seconds is not None:
+            raise PinchgateError(f"--window: {self.name} models have no fixed input window")
+        return model, processor
+
+    def export_ct2(self, model: nn.Module, model_dir: Path, path: Path, quantization) -> Path:
+        """The model as a CTranslate2 directory (where its converter covers the family)."""
+        raise NotImplementedError(f"CTranslate2 export is not available for {self.name} models")
+
+    def ct2_runtime_model(self, path: Path, compute_type: str):
+        """A CTranslate2 directory behind the interface ``decode`` uses."""
+        raise NotImplementedError(f"CTranslate2 models are not available for {self.name} models")
+
+    def ct2_parity(self, runtime, model: nn.Module, processor, audio: list[np.ndarray]) -> dict:
+        """Largest differences between the CTranslate2 model and ``model`` on ``audio``."""
+        raise NotImplementedError(f"CTranslate2 models are not available for {self.name} models")
 
     def describe(self) -> dict[str, Any]:
         return {"family": self.name, "model_types": list(self.model_types)}

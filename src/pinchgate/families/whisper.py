@@ -51,6 +51,7 @@ from torch.nn.utils import parametrize
 from pinchgate.errors import ModelLoadError, PinchgateError
 from pinchgate.families.base import Member, ModelFamily, UnitSpec
 from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
+from pinchgate.families.whisper_ct2 import Ct2Whisper, export_ct2
 from pinchgate.modeldir import (
     check_loading_info,
     check_model_dir,
@@ -248,6 +249,38 @@ def cut_window(model: nn.Module, seconds: int) -> None:
     model.config.max_source_positions = positions
 
 
+SINUSOID_TOLERANCE = 1e-3  # float16 copies of Whisper's table are 3e-4 off the formula
+
+
+def set_window(model: nn.Module, seconds: int) -> None:
+    """Make the encoder take `seconds` of audio: cut its position table (`cut_window`), or
+    extend it with Whisper's sinusoids, which its table is (checked: a learned table is
+    refused), so a model trained on a cut window runs where 30 s is fixed (faster-whisper)."""
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    positions = int(seconds) * FRAMES_PER_SECOND // 2
+    encoder = model.model.encoder
+    table = encoder.embed_positions
+    if positions <= table.num_embeddings:
+        cut_window(model, seconds)
+        return
+    fresh = sinusoids(positions, table.embedding_dim).to(table.weight)
+    have = table.num_embeddings
+    if not (fresh[:have] - table.weight.detach()).abs().max() <= SINUSOID_TOLERANCE:
+        raise PinchgateError(
+            f"--window {seconds}: the encoder's position table is not Whisper's sinusoids, "
+            f"so it cannot be extended past {have * 2 // FRAMES_PER_SECOND} s"
+        )
+    longer = nn.Embedding(positions, table.embedding_dim, device=table.weight.device)
+    with torch.no_grad():
+        longer.weight.copy_(fresh)
+        longer.weight[:have] = table.weight
+    longer.requires_grad_(False)
+    encoder.embed_positions = longer
+    encoder.max_source_positions = positions
+    model.config.max_source_positions = positions
+
+
 # --- the tied output projection ---------------------------------------------------------------
 
 
@@ -299,6 +332,15 @@ def runaway_start(tokens: list[int]) -> int | None:
                 start -= 1
             return start + period
     return None
+
+
+def _stopped_at_runaway(row: list[int], prompt: int) -> list[int]:
+    """The row as `generate` with the runaway stopping criterion would have ended it: at the
+    first new token after which the tail repeats (for runtimes that decode to the budget)."""
+    for end in range(prompt + 1, len(row) + 1):
+        if runaway_start(row[:end]) is not None:
+            return row[:end]
+    return row
 
 
 def _periodic(unit: list[int]) -> bool:
@@ -605,8 +647,10 @@ class WhisperFamily(ModelFamily):
             return model(**batch).loss
 
     def features(self, model, processor, audio):
+        if isinstance(model, Ct2Whisper) and model.window != processor.window_seconds:
+            processor = with_window(processor, model.window)  # as exported (e.g. 30 s)
         extractor = processor.feature_extractor
-        device = next(model.parameters()).device
+        device = "cpu" if isinstance(model, Ct2Whisper) else next(model.parameters()).device
         features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt")
         return features["input_features"].to(device)
 
@@ -621,6 +665,15 @@ class WhisperFamily(ModelFamily):
     def decode(self, model, processor, audio: list[np.ndarray], decoder=None):
         features = self.features(model, processor, audio)
         seconds = max(len(a) for a in audio) / processor.feature_extractor.sampling_rate
+        if isinstance(model, Ct2Whisper):
+            sequences = model.generate(
+                features.numpy(),
+                processor.tokenizer.prefix_tokens,
+                max_new_tokens(seconds, model.config),
+                beam_size=decoder.num_beams if decoder is not None else 1,
+            )
+            prompt = len(processor.tokenizer.prefix_tokens)
+            return self._texts(processor, [_stopped_at_runaway(r, prompt) for r in sequences])
         options = {"language": processor.language, "task": "transcribe"}
         if processor.language is None:
             options = {}
@@ -633,8 +686,11 @@ class WhisperFamily(ModelFamily):
                 stopping_criteria=_stopping_criteria(),
                 **options,
             )
+        return self._texts(processor, sequences.tolist())
+
+    def _texts(self, processor, sequences: list[list[int]]) -> list[str]:
         texts = []
-        for row in sequences.tolist():
+        for row in sequences:
             start = runaway_start(row)
             if start is not None:
                 row = row[:start]  # one occurrence of what the model repeated
@@ -658,6 +714,47 @@ class WhisperFamily(ModelFamily):
 
     def shrink(self, model):
         return shrink(model)
+
+    def at_window(self, model, processor, seconds):
+        if seconds is None:
+            return model, processor
+        if seconds > native_window(model.config):
+            set_window(model, seconds)
+        elif seconds < native_window(model.config):
+            raise PinchgateError(
+                f"--window {seconds}: shorter than the model's own "
+                f"{native_window(model.config)} s, which would cut clips it was scored on"
+            )
+        return model, with_window(processor, seconds)
+
+    def export_ct2(self, model, model_dir, path, quantization):
+        unfollow_embedding(model)
+        return export_ct2(model, Path(model_dir), Path(path), quantization)
+
+    def ct2_runtime_model(self, path, compute_type):
+        return Ct2Whisper(path, compute_type)
+
+    def ct2_parity(self, runtime, model, processor, audio):
+        """Encoder outputs on `audio`, and the vocabulary logits of every step of the
+        CTranslate2 model's greedy continuation of the first clip against PyTorch's logits
+        for the same tokens, teacher forced."""
+        features = self.features(model, processor, audio)
+        with torch.no_grad():
+            reference = model.model.encoder(features).last_hidden_state.numpy()
+        encoder = float(np.abs(runtime.encode(features.numpy()) - reference).max())
+        prompt = list(processor.tokenizer.prefix_tokens)
+        seconds = len(audio[0]) / processor.feature_extractor.sampling_rate
+        steps = max_new_tokens(seconds, model.config)
+        tokens, logits = runtime.step_log_probs(features[:1].numpy(), prompt, steps)
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad(), parametrize.cached():
+            torch_logits = model(input_features=features[:1], decoder_input_ids=ids).logits[0]
+        wanted = torch_logits[len(prompt) - 1 : len(prompt) - 1 + len(logits)].numpy()
+        return {
+            "encoder_max_abs_diff": encoder,
+            "logits_max_abs_diff": float(np.abs(logits - wanted).max()),
+            "steps": len(logits),
+        }
 
     def save(self, model, processor, path):
         unfollow_embedding(model)
