@@ -280,6 +280,40 @@ def test_structured_gates_remove_heads_of_three_kinds_and_neurons(
     assert count_parameters(small)["total"] == shrunk["params"]
 
 
+def test_structured_ffn_units_keep_every_head_and_export_to_ct2(
+    tiny_whisper_dir, toy_corpus, tmp_path
+):
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.15)
+    cfg.method, cfg.train_dense_reference = "structured:units=ffn", False
+    results = run_compress(cfg)
+    small = family_for(tmp_path / "model-shrunk").load(tmp_path / "model-shrunk")
+    saved = family_for(tmp_path / "model").load(tmp_path / "model").generation_config
+    assert small.generation_config.to_dict() == saved.to_dict()  # decodes as the masked one
+    config_ = small.config
+    for side in ("encoder", "decoder"):
+        for layer in getattr(small.model, side).layers:
+            for kind in ("self_attn", "encoder_attn") if side == "decoder" else ("self_attn",):
+                assert getattr(layer, kind).num_heads == getattr(config_, f"{side}_attention_heads")
+    widths = [layer.fc1.out_features for layer in small.model.encoder.layers]
+    assert sum(widths) < config_.encoder_ffn_dim * len(widths)  # neurons were cut
+    assert results["compression"]["shrunk"]["logit_check"]["max_abs_diff"] < 1e-4
+    pytest.importorskip("ctranslate2")
+    from pinchgate.data.corpus import load_corpus
+    from pinchgate.export import check_ct2_on_corpus, export_ct2
+
+    out = export_ct2(tmp_path / "model-shrunk", tmp_path / "ct2")
+    utterances, _ = load_corpus(toy_corpus / "test")
+    found = check_ct2_on_corpus(out, tmp_path / "model-shrunk", utterances, "t", batch_seconds=3)
+    assert found["same_hypotheses"] == len(utterances), found
+
+
+def test_structured_units_option_is_checked(tiny_whisper_dir, toy_corpus, tmp_path):
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.15)
+    cfg.method, cfg.train_dense_reference = "structured:units=neurons", False
+    with pytest.raises(PinchgateError, match="units='neurons'; choose from ffn, heads"):
+        run_compress(cfg)
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 

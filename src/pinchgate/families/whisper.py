@@ -560,6 +560,12 @@ def load_shrunk(path: str | Path) -> nn.Module:
             f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
         )
     model.tie_weights()
+    if (path / "generation_config.json").is_file():
+        # Built from config.json, the model has a default generation config: without the
+        # saved one (no-timestamps token, suppressed tokens) `generate` decodes differently.
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model.eval()
 
 

@@ -16,7 +16,8 @@ weights and the same exact target count. Only the method differs:
 ``gmp-global`` is the deprecated name of ``global-magnitude`` (it is one-shot, not gradual)
 and still works. A method's options ride in its name so that the saved config alone reruns
 it: ``gmp:start=0.1,end=0.7,every=10,initial=0,allocation=uniform``, ``parp:every=50``,
-``str:init=-5,lr=0.01,decay=1``.
+``str:init=-5,lr=0.01,decay=1``, ``structured:units=ffn`` (feed-forward neurons only: all
+heads kept, so CTranslate2 can hold the shrunk Whisper).
 
 To add a method: subclass ``CompressionMethod`` (or ``BaselineMethod`` for a mask-based
 baseline) in a module here, give it an options dataclass with ``check(spec, max_steps)``
@@ -36,7 +37,7 @@ from pinchgate.methods.gradual import GmpOptions, GradualMagnitude
 from pinchgate.methods.magnitude import GlobalMagnitude, UniformMagnitude
 from pinchgate.methods.parp import Parp, ParpOptions
 from pinchgate.methods.soft_threshold import SoftThresholdMethod, StrOptions
-from pinchgate.methods.structured import StructuredGateMethod
+from pinchgate.methods.structured import StructuredGateMethod, StructuredOptions
 
 __all__ = [
     "ALIASES",
@@ -70,7 +71,7 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {
     "gates": MethodSpec(GateMethod, label="self-pinching gates"),
-    "structured": MethodSpec(StructuredGateMethod, label="structured gates"),
+    "structured": MethodSpec(StructuredGateMethod, StructuredOptions, label="structured gates"),
     "dense": MethodSpec(DenseMethod, label="dense fine-tuning", trains_dense_reference=False),
     "ump": MethodSpec(UniformMagnitude, passes=2),
     "global-magnitude": MethodSpec(GlobalMagnitude, passes=2),

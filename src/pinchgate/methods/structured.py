@@ -9,12 +9,13 @@ The run then also writes the physically smaller model (``compress.py``, with the
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from torch import nn
 
 from pinchgate.console import say
 from pinchgate.errors import PinchgateError
-from pinchgate.families import count_parameters
+from pinchgate.families import count_parameters, family_for_model
 from pinchgate.methods.base import CompressionSummary, compression_target
 from pinchgate.methods.gates import GateMethod
 from pinchgate.sparsity import max_compression_ratio
@@ -24,6 +25,27 @@ from pinchgate.structured_gates import (
     attach_structured_gates,
     structured_gates_of,
 )
+
+UNIT_KINDS = ("ffn", "heads")
+
+
+@dataclass
+class StructuredOptions:
+    """``structured:units=ffn`` gates only the kinds named (``+`` between several)."""
+
+    units: str = "ffn+heads"
+
+    def kinds(self) -> list[str]:
+        return [kind for kind in self.units.split("+") if kind]
+
+    def check(self, spec: str, max_steps: int) -> None:
+        kinds = self.kinds()
+        unknown = [kind for kind in kinds if kind not in UNIT_KINDS]
+        if unknown or not kinds:
+            raise PinchgateError(
+                f"--method {spec}: units={self.units!r}; choose from {', '.join(UNIT_KINDS)} "
+                "joined by + (e.g. units=ffn, units=ffn+heads)"
+            )
 
 
 class StructuredGateMethod(GateMethod):
@@ -35,8 +57,10 @@ class StructuredGateMethod(GateMethod):
         cfg = self.cfg
         total = count_parameters(model)["total"]
         gate_cfg = StructuredGateConfig(cfg.tau_rel, cfg.threshold_init_rel, cfg.tying)
+        kinds = (self.options or StructuredOptions()).kinds()
         try:
-            self.gates = attach_structured_gates(model, gate_cfg)
+            units = [u for u in family_for_model(model).structured_units(model) if u.kind in kinds]
+            self.gates = attach_structured_gates(model, gate_cfg, units)
         except ValueError as exc:
             raise PinchgateError(f"--model {cfg.model}: {exc}") from None
         grouped = self.gates.numel
@@ -46,8 +70,9 @@ class StructuredGateMethod(GateMethod):
             highest = max_compression_ratio(total, grouped)
             raise PinchgateError(
                 f"--target-ratio {cfg.target_ratio}: unreachable with --method structured: "
-                f"only {grouped:,} of {total:,} parameters are in FFN neurons and attention "
-                f"heads; the highest reachable ratio is {highest:.4g}x (every group pruned)"
+                f"only {grouped:,} of {total:,} parameters are in its units "
+                f"({'+'.join(kinds)}); the highest reachable ratio is {highest:.4g}x "
+                "(every group pruned)"
             ) from None
         self.controller = self.make_controller(next(model.parameters()).device)
         neurons = sum(u.n_groups for u in self.gates.units if u.kind == "ffn")
