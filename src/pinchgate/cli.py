@@ -590,10 +590,18 @@ def unpack(
 def export(
     model_dir: Annotated[Path, typer.Argument(help="HF model, run, packed or shrunk directory.")],
     output: Annotated[
-        Path, typer.Argument(help="File (onnx: e.g. model.onnx) or new directory (ct2) to write.")
+        Path,
+        typer.Argument(
+            help="What to write: CTC onnx, a file (model.onnx); Whisper onnx or ct2, a new "
+            "directory."
+        ),
     ],
     output_format: Annotated[
-        str, Opt("--format", help="onnx (CTC models) or ct2 (Whisper, for faster-whisper).")
+        str,
+        Opt(
+            "--format",
+            help="onnx (CTC; Whisper: encoder + cached decoder) or ct2 (Whisper, faster-whisper).",
+        ),
     ] = "onnx",
     opset: Annotated[int, Opt(help="ONNX opset version.")] = 18,
     quantization: Annotated[
@@ -609,7 +617,7 @@ def export(
     ] = None,
     check: Annotated[
         bool,
-        Opt(help="onnx: run onnxruntime and PyTorch on random audio; print the max logit diff."),
+        Opt(help="onnx: run onnxruntime and PyTorch on random inputs; print the max logit diff."),
     ] = False,
     check_data: Annotated[
         list[str] | None,
@@ -620,7 +628,8 @@ def export(
     ] = None,
 ) -> None:
     """Export for a deployment runtime: ONNX (CTC: input_values -> logits, dynamic batch and
-    length) or a CTranslate2 directory (Whisper; faster-whisper loads it)."""
+    length; Whisper: encoder.onnx and a key/value-cached decoder.onnx) or a CTranslate2
+    directory (Whisper; faster-whisper loads it)."""
     from pinchgate.data.builtin import corpus_label, resolve_corpus
     from pinchgate.data.corpus import load_corpus
     from pinchgate.export import (

@@ -52,6 +52,7 @@ from pinchgate.errors import ModelLoadError, PinchgateError
 from pinchgate.families.base import Member, ModelFamily, UnitSpec
 from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
 from pinchgate.families.whisper_ct2 import Ct2Whisper, export_ct2
+from pinchgate.families.whisper_onnx import OnnxWhisper, export_whisper_onnx
 from pinchgate.modeldir import (
     check_loading_info,
     check_model_dir,
@@ -62,6 +63,8 @@ from pinchgate.modeldir import (
 )
 
 SAMPLING_RATE = 16000
+# Runtimes other than PyTorch that decode through `WhisperFamily.decode`.
+RUNTIME_MODELS = (Ct2Whisper, OnnxWhisper)
 FRAMES_PER_SECOND = 100  # the feature extractor's hop is 10 ms
 TOKENS_PER_SECOND = 6  # bound on new tokens per second of audio (speech is ~3-4)
 TOKEN_MARGIN = 10
@@ -653,10 +656,11 @@ class WhisperFamily(ModelFamily):
             return model(**batch).loss
 
     def features(self, model, processor, audio):
-        if isinstance(model, Ct2Whisper) and model.window != processor.window_seconds:
+        runtime = isinstance(model, RUNTIME_MODELS)
+        if runtime and model.window != processor.window_seconds:
             processor = with_window(processor, model.window)  # as exported (e.g. 30 s)
         extractor = processor.feature_extractor
-        device = "cpu" if isinstance(model, Ct2Whisper) else next(model.parameters()).device
+        device = "cpu" if runtime else next(model.parameters()).device
         features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt")
         return features["input_features"].to(device)
 
@@ -665,13 +669,15 @@ class WhisperFamily(ModelFamily):
         features = self.features(model, processor, audio)
         prompt = processor.tokenizer.prefix_tokens
         ids = torch.tensor([prompt] * len(audio), device=features.device)
+        if isinstance(model, OnnxWhisper):
+            return torch.from_numpy(model.logits(features.numpy(), ids.numpy()))
         with parametrize.cached():
             return model(input_features=features, decoder_input_ids=ids).logits
 
     def decode(self, model, processor, audio: list[np.ndarray], decoder=None):
         features = self.features(model, processor, audio)
         seconds = max(len(a) for a in audio) / processor.feature_extractor.sampling_rate
-        if isinstance(model, Ct2Whisper):
+        if isinstance(model, RUNTIME_MODELS):
             sequences = model.generate(
                 features.numpy(),
                 processor.tokenizer.prefix_tokens,
@@ -732,6 +738,32 @@ class WhisperFamily(ModelFamily):
                 f"{native_window(model.config)} s, which would cut clips it was scored on"
             )
         return model, with_window(processor, seconds)
+
+    def export_onnx(self, model, processor, path, opset):
+        """A directory: encoder.onnx, decoder.onnx (key/value cache), pinchgate_onnx.json."""
+        unfollow_embedding(model)
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise PinchgateError(f"{path}: already exists and is not empty; choose a new path")
+        return export_whisper_onnx(model, path, opset)
+
+    def onnx_runtime_model(self, onnx_path, model):
+        return OnnxWhisper(onnx_path)
+
+    def onnx_parity(self, onnx_path, model):
+        """Largest logit difference, teacher forced, on random features and tokens for 3
+        clips, and of the cached decoder continuing the same tokens in two calls."""
+        runtime = OnnxWhisper(onnx_path)
+        config = model.config
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn(
+            3, config.num_mel_bins, config.max_source_positions * 2, generator=generator
+        )
+        ids = torch.randint(0, config.vocab_size, (3, 7), generator=generator)
+        with torch.no_grad(), parametrize.cached():
+            reference = model(input_features=features, decoder_input_ids=ids).logits.numpy()
+        whole = runtime.logits(features.numpy(), ids.numpy())
+        return float(np.abs(whole - reference).max())
 
     def export_ct2(self, model, model_dir, path, quantization):
         unfollow_embedding(model)
