@@ -367,3 +367,48 @@ def test_a_frozen_decoder_is_pruned_but_not_trained(tiny_whisper_dir, toy_corpus
             assert torch.equal(after[kept], before[kept]), name  # pruned, else untouched
     trained = end["model.encoder.layers.0.fc1.weight"] != start["model.encoder.layers.0.fc1.weight"]
     assert trained.any()
+
+
+def test_layer_units_drop_whole_decoder_layers_into_a_stock_model(
+    tiny_whisper_dir, toy_corpus, tmp_path
+):
+    from transformers import WhisperForConditionalGeneration
+
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=None)
+    cfg.target_sparsity = 0.5  # one of the two decoder layers
+    cfg.method, cfg.train_dense_reference = "structured:units=layers", False
+    results = run_compress(cfg)
+    compression = results["compression"]
+    full = family_for(tiny_whisper_dir).load(tiny_whisper_dir)
+    layer_params = sum(p.numel() for p in full.model.decoder.layers[0].parameters())
+    assert compression["kept_params"] == compression["total_params"] - layer_params
+    shrunk = compression["shrunk"]
+    assert shrunk["structure"] is None  # fewer layers, each whole: a stock config
+    assert shrunk["params"] == compression["kept_params"]
+    assert shrunk["logit_check"]["max_abs_diff"] < 1e-4
+    stock = WhisperForConditionalGeneration.from_pretrained(tmp_path / "model-shrunk")
+    assert stock.config.decoder_layers == 1 and len(stock.model.decoder.layers) == 1
+    assert [layer.self_attn.layer_idx for layer in stock.model.decoder.layers] == [0]
+    for name, row in shrunk["eval"].items():
+        assert row["wer"] == results["eval"][name]["wer"]
+    pytest.importorskip("ctranslate2")
+    from pinchgate.data.corpus import load_corpus
+    from pinchgate.export import check_ct2_on_corpus, export_ct2
+
+    out = export_ct2(tmp_path / "model-shrunk", tmp_path / "ct2")
+    utterances, _ = load_corpus(toy_corpus / "test")
+    found = check_ct2_on_corpus(out, tmp_path / "model-shrunk", utterances, "t", batch_seconds=3)
+    assert found["same_hypotheses"] == len(utterances), found
+
+
+def test_layer_units_go_alone_and_only_where_the_family_has_them(
+    tiny_whisper_dir, tiny_model_dir, toy_corpus, tmp_path
+):
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.1)
+    cfg.method, cfg.train_dense_reference = "structured:units=layers+ffn", False
+    with pytest.raises(PinchgateError, match="give it alone"):
+        run_compress(cfg)
+    cfg = config(CompressConfig, tiny_model_dir, toy_corpus, tmp_path / "ctc", target_ratio=1.1)
+    cfg.method, cfg.train_dense_reference = "structured:units=layers", False
+    with pytest.raises(PinchgateError, match="ctc models have no layers units"):
+        run_compress(cfg)

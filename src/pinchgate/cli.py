@@ -689,14 +689,18 @@ def shrink(
     model_dir: Annotated[Path, typer.Argument(help="Hardened HF model directory or run dir.")],
     output: Annotated[Path, typer.Argument(help="Directory for the shrunken model (new).")],
 ) -> None:
-    """Remove pruned FFN neurons and attention heads: smaller dense matrices, same outputs.
+    """Remove pruned FFN neurons, attention heads and (Whisper) decoder layers: smaller
+    dense matrices, same outputs.
 
-    Reads back with pinchgate (load_any / export); config.json records the per-layer sizes.
+    Reads back with pinchgate (load_any / export); config.json records the per-layer sizes
+    (a Whisper whose only change is fewer decoder layers is stock: transformers loads it).
     """
     from pinchgate.export import shrink_dir
 
     result = shrink_dir(model_dir, output)
-    for i, layer in enumerate(result["structure"]["layers"]):
+    if result["structure"] is None:  # Whisper with whole decoder layers removed only
+        typer.echo("every remaining layer is whole: config.json is a stock one")
+    for i, layer in enumerate((result["structure"] or {}).get("layers", [])):
         # CTC: intermediate_size, heads; Whisper: self_attn, encoder_attn (heads), ffn.
         parts = [
             f"{len(kept)} {name} heads {kept}" if isinstance(kept, list) else f"{kept} {name}"

@@ -97,10 +97,12 @@ class GroupUnit(nn.Module):
         index: int,
         tau: float,
         owns_bank: bool = False,
+        dead: list[Member] | None = None,
+        group_params: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
-        self.kind = kind  # "ffn" or "heads"
+        self.kind = kind  # "ffn", "heads" or "layers"
         self.n_groups = n_groups
         self.index = index
         object.__setattr__(self, "_members", members)  # plain references: the model owns them
@@ -111,6 +113,10 @@ class GroupUnit(nn.Module):
         self.register_buffer("tau_base", torch.tensor(float(tau), device=device))
         self.register_buffer("hard_mask", None)  # bool [n_groups], set by freeze
         self.group_size = sum(_raw_tensor(m).numel() for m in members) // n_groups
+        # Parameters that go with each group (counted by the controller and the reports):
+        # the members' share, or more where ungated tensors die with the group.
+        self.group_params = group_params or self.group_size
+        object.__setattr__(self, "_dead", list(dead or []))
         # Restores the modules' parameter order (and so state_dict order) on removal.
         self._param_orders = [list(m.module._parameters) for m in members]
 
@@ -123,9 +129,13 @@ class GroupUnit(nn.Module):
         return self._bank
 
     @property
+    def dead(self) -> list[Member]:
+        return self._dead
+
+    @property
     def numel(self) -> int:
         """Parameters in this unit's groups."""
-        return self.n_groups * self.group_size
+        return self.n_groups * self.group_params
 
     @property
     def frozen(self) -> bool:
@@ -227,12 +237,14 @@ def attach_structured_gates(
             if parametrize.is_parametrized(member.module, member.name):
                 raise ValueError(f"{unit.name}: {member.name} is already parametrized")
         if unit.n_groups > 0:
-            specs.append((unit.name, unit.kind, unit.members, unit.n_groups))
+            specs.append((unit.name, unit.kind, unit.members, unit.n_groups, unit))
+    if not specs:
+        raise ValueError("no groups to gate")
     keys = [tie_key(name, cfg.tying) for name, *_ in specs]
     tie_names = list(dict.fromkeys(keys))
     sumsq, count, mean_squares = [0.0] * len(tie_names), [0] * len(tie_names), []
     with torch.no_grad():
-        for (_, _, members, _), key in zip(specs, keys, strict=True):
+        for (_, _, members, _, _), key in zip(specs, keys, strict=True):
             s = sum(float(_raw_tensor(m).float().square().sum()) for m in members)
             n = sum(_raw_tensor(m).numel() for m in members)
             mean_squares.append(max(s / n, _MIN_MEAN_SQUARE))
@@ -244,11 +256,22 @@ def attach_structured_gates(
         device=device,
     )
     bank = ThresholdBank(tie_names, scales, cfg.threshold_init_rel)
-    for i, ((name, kind, members, n), key, ms) in enumerate(
+    for i, ((name, kind, members, n, spec), key, ms) in enumerate(
         zip(specs, keys, mean_squares, strict=True)
     ):
         index = tie_names.index(key)
-        unit = GroupUnit(name, kind, members, n, bank, index, cfg.tau_rel * ms, owns_bank=i == 0)
+        unit = GroupUnit(
+            name,
+            kind,
+            members,
+            n,
+            bank,
+            index,
+            cfg.tau_rel * ms,
+            owns_bank=i == 0,
+            dead=spec.dead,
+            group_params=spec.group_params,
+        )
         for j, member in enumerate(members):
             mask = GroupMask(unit, j, owns_unit=j == 0)
             parametrize.register_parametrization(member.module, member.name, mask)
@@ -311,14 +334,14 @@ class StructuredGates(GateControls):
         softs, hards = [], []
         for unit in self.units:
             soft, hard = unit.masks()
-            softs.append(soft.sum() * unit.group_size)
-            hards.append(hard.sum().to(torch.float32) * unit.group_size)
+            softs.append(soft.sum() * unit.group_params)
+            hards.append(hard.sum().to(torch.float32) * unit.group_params)
         total = float(self.numel)
         return KeptFractions(torch.stack(softs).sum() / total, torch.stack(hards).sum() / total)
 
     def hard_counts(self) -> tuple[int, int]:
         """(kept, total) parameters under the exact hard mask."""
-        kept = sum(int(u.hard_groups().sum()) * u.group_size for u in self.units)
+        kept = sum(int(u.hard_groups().sum()) * u.group_params for u in self.units)
         return kept, self.numel
 
     def layer_stats(self) -> list[UnitStats]:
@@ -326,7 +349,7 @@ class StructuredGates(GateControls):
         stats = []
         for unit in self.units:
             groups_kept = int(unit.hard_groups().sum())
-            kept = groups_kept * unit.group_size
+            kept = groups_kept * unit.group_params
             stats.append(
                 UnitStats(
                     name=unit.name,
@@ -338,7 +361,7 @@ class StructuredGates(GateControls):
                     kind=unit.kind,
                     groups=unit.n_groups,
                     groups_kept=groups_kept,
-                    group_size=unit.group_size,
+                    group_size=unit.group_params,
                 )
             )
         return stats
@@ -364,7 +387,7 @@ class StructuredGates(GateControls):
                 # A zero threshold keeps every non-zero group whatever the factor.
                 ratio = norm / t if t > 0 else torch.where(norm > 0, math.inf, 0.0).double()
                 ratios.append(ratio)
-                sizes.append(torch.full_like(ratio, float(unit.group_size)))
+                sizes.append(torch.full_like(ratio, float(unit.group_params)))
             ratio = torch.cat(ratios)
             order = torch.argsort(ratio, descending=True, stable=True)
             r = ratio[order].tolist()
@@ -436,6 +459,8 @@ class StructuredGates(GateControls):
             row = rows.setdefault(block, {"layer": block})
             if unit.kind == "ffn":
                 row["neurons"], row["neurons_kept"] = unit.n_groups, int(hard.sum())
+            elif unit.kind == "layers":
+                row["layer_kept"] = bool(hard.all())
             else:
                 key = "heads" if heads_units[block] == 1 else f"{own}_heads"
                 row[key] = unit.n_groups
@@ -444,7 +469,7 @@ class StructuredGates(GateControls):
 
 
 def _zero_pruned(unit: GroupUnit, hard: Tensor) -> None:
-    for member in unit.members:
+    for member in [*unit.members, *unit.dead]:
         x = _raw_tensor(member)
         keep = unit.broadcast(hard.to(x.device), member, x)
         x.mul_(keep)

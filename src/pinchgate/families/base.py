@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,19 @@ class Member:
 @dataclass
 class UnitSpec:
     """A set of prunable groups (the neurons of one feed-forward layer, the heads of one
-    attention): every member tensor is cut into ``n_groups`` equal slices along its dim."""
+    attention, a whole decoder layer): every member tensor is cut into ``n_groups`` equal
+    slices along its dim; the gate reads and masks the members.
+
+    ``dead``: tensors that go with a group without being gated (a pruned decoder layer's
+    inputs to its zeroed outputs), zeroed when it is pruned; ``group_params``: parameters
+    removed with each group, members and dead ones (default: the members' share)."""
 
     name: str
-    kind: str  # "ffn" or "heads"
+    kind: str  # "ffn", "heads" or "layers"
     members: list[Member]
     n_groups: int
+    dead: list[Member] = field(default_factory=list)
+    group_params: int | None = None
 
 
 class ModelFamily(ABC):

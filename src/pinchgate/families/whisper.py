@@ -414,7 +414,33 @@ def structured_units(model: nn.Module) -> list[UnitSpec]:
         members = [Member(layer.fc1, "weight", 0), Member(layer.fc1, "bias", 0)]
         members.append(Member(layer.fc2, "weight", 1))
         units.append(UnitSpec(f"{name}.ffn", "ffn", members, layer.fc1.out_features))
+    for name, layer, is_decoder in _layers(model):
+        if is_decoder:
+            units.append(_layer_unit(name, layer))
     return units
+
+
+LAYER_OUTPUTS = (("self_attn", "out_proj"), ("encoder_attn", "out_proj"), (None, "fc2"))
+
+
+def _layer_unit(name: str, layer: nn.Module) -> UnitSpec:
+    """A whole decoder layer as one group. The gate reads and masks what the layer adds to
+    the residual stream (both attentions' output projections and fc2, weights and biases):
+    at mask 0 the layer is the identity, so it can be removed. Its other tensors die with
+    it (zeroed when it is pruned) and all its parameters are counted."""
+    members, dead = [], []
+    for kind, linear in LAYER_OUTPUTS:
+        module = getattr(getattr(layer, kind), linear) if kind else getattr(layer, linear)
+        members += [
+            Member(module, n, 0) for n in ("weight", "bias") if getattr(module, n) is not None
+        ]
+    outputs = {id(m.module) for m in members}
+    for module in layer.modules():
+        if id(module) in outputs or not list(module.parameters(recurse=False)):
+            continue
+        dead += [Member(module, n, 0) for n, _ in module.named_parameters(recurse=False)]
+    params = sum(p.numel() for p in layer.parameters())
+    return UnitSpec(f"{name}.layer", "layers", members, 1, dead=dead, group_params=params)
 
 
 class HeadlessAttention(nn.Module):
@@ -478,32 +504,75 @@ def _shrink_ffn(layer: nn.Module, neurons: list[int]) -> None:
     layer.fc2 = sliced_linear(layer.fc2, cols=idx)
 
 
+def _is_identity(layer: nn.Module) -> bool:
+    """Whether a decoder layer adds nothing to the residual stream (every output zero)."""
+    for kind, linear in LAYER_OUTPUTS:
+        module = getattr(getattr(layer, kind), linear) if kind else getattr(layer, linear)
+        for tensor in (module.weight, module.bias):
+            if tensor is not None and tensor.detach().ne(0).any():
+                return False
+    return True
+
+
+def _drop_decoder_layers(model: nn.Module) -> list[int]:
+    """Remove the decoder layers that are the identity; returns the indices kept."""
+    decoder = model.model.decoder
+    kept = [i for i, layer in enumerate(decoder.layers) if not _is_identity(layer)]
+    if len(kept) == len(decoder.layers):
+        return kept
+    decoder.layers = nn.ModuleList([decoder.layers[i] for i in kept])
+    for index, layer in enumerate(decoder.layers):  # the cache is indexed by layer
+        for kind in ("self_attn", "encoder_attn"):
+            getattr(layer, kind).layer_idx = index
+    model.config.decoder_layers = len(kept)
+    return kept
+
+
 def shrink(model: nn.Module) -> nn.Module:
-    """A copy without the zeroed heads and neurons (same outputs), structure in its config."""
+    """A copy without the zeroed heads, neurons and decoder layers (same outputs). Removed
+    layers change `decoder_layers` in the config; other changes are recorded under
+    `pinchgate_structure` (none when every remaining layer is whole: a stock model)."""
     for unit in structured_units(model):
         if any(parametrize.is_parametrized(m.module, m.name) for m in unit.members):
             raise ValueError("gates are still attached: harden the model before shrinking it")
     target = copy.deepcopy(model)
     unfollow_embedding(target)
     previous = getattr(target.config, STRUCTURE_KEY, None)
+    encoder_layers = len(target.model.encoder.layers)
+    kept_decoder = _drop_decoder_layers(target)
+    if previous is not None:  # the entries of the layers that stay
+        entries = previous["layers"]
+        previous = dict(previous)
+        previous["layers"] = entries[:encoder_layers] + [
+            entries[encoder_layers + i] for i in kept_decoder
+        ]
     layers = []
+    whole = True
     for i, (_, layer, is_decoder) in enumerate(_layers(target)):
         entry = {}
         for kind in ("self_attn", "encoder_attn") if is_decoder else ("self_attn",):
+            full = getattr(layer, kind).num_heads
             heads = _kept_heads(getattr(layer, kind))
             _shrink_attention(layer, kind, heads)
             if previous is not None:  # shrinking a shrunken model: keep the original indices
                 heads = [previous["layers"][i][kind][h] for h in heads]
+            whole = whole and previous is None and len(heads) == full
             entry[kind] = heads
+        full = layer.fc1.out_features
         neurons = torch.nonzero(layer.fc2.weight.detach().ne(0).any(0)).reshape(-1).tolist()
         _shrink_ffn(layer, neurons)
+        whole = whole and len(neurons) == full
         entry["ffn"] = len(neurons)
         layers.append(entry)
-    setattr(
-        target.config,
-        STRUCTURE_KEY,
-        {"format": STRUCTURE_FORMAT, "version": STRUCTURE_VERSION, "layers": layers},
-    )
+    if whole:
+        if hasattr(target.config, STRUCTURE_KEY):
+            delattr(target.config, STRUCTURE_KEY)
+    else:
+        setattr(
+            target.config,
+            STRUCTURE_KEY,
+            {"format": STRUCTURE_FORMAT, "version": STRUCTURE_VERSION, "layers": layers},
+        )
     return target
 
 

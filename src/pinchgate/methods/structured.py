@@ -26,12 +26,14 @@ from pinchgate.structured_gates import (
     structured_gates_of,
 )
 
-UNIT_KINDS = ("ffn", "heads")
+UNIT_KINDS = ("ffn", "heads", "layers")
 
 
 @dataclass
 class StructuredOptions:
-    """``structured:units=ffn`` gates only the kinds named (``+`` between several)."""
+    """``structured:units=ffn`` gates only the kinds named (``+`` between several);
+    ``layers`` (whole decoder layers, Whisper) gates the tensors the heads and neurons of
+    those layers are cut from, so it goes alone."""
 
     units: str = "ffn+heads"
 
@@ -46,10 +48,16 @@ class StructuredOptions:
                 f"--method {spec}: units={self.units!r}; choose from {', '.join(UNIT_KINDS)} "
                 "joined by + (e.g. units=ffn, units=ffn+heads)"
             )
+        if "layers" in kinds and len(kinds) > 1:
+            raise PinchgateError(
+                f"--method {spec}: units=layers gates the same tensors as heads and ffn; "
+                "give it alone (units=layers)"
+            )
 
 
 class StructuredGateMethod(GateMethod):
-    """The compression hooks with FFN-neuron and attention-head gates instead of weight gates."""
+    """The compression hooks with group gates (FFN neurons, attention heads, or whole
+    decoder layers) instead of weight gates."""
 
     name = "structured"
 
@@ -59,7 +67,10 @@ class StructuredGateMethod(GateMethod):
         gate_cfg = StructuredGateConfig(cfg.tau_rel, cfg.threshold_init_rel, cfg.tying)
         kinds = (self.options or StructuredOptions()).kinds()
         try:
-            units = [u for u in family_for_model(model).structured_units(model) if u.kind in kinds]
+            family = family_for_model(model)
+            units = [u for u in family.structured_units(model) if u.kind in kinds]
+            if not units:
+                raise ValueError(f"{family.name} models have no {'+'.join(kinds)} units")
             self.gates = attach_structured_gates(model, gate_cfg, units)
         except ValueError as exc:
             raise PinchgateError(f"--model {cfg.model}: {exc}") from None
@@ -75,11 +86,15 @@ class StructuredGateMethod(GateMethod):
                 "(every group pruned)"
             ) from None
         self.controller = self.make_controller(next(model.parameters()).device)
-        neurons = sum(u.n_groups for u in self.gates.units if u.kind == "ffn")
-        heads = sum(u.n_groups for u in self.gates.units if u.kind == "heads")
+        counts = {
+            kind: sum(u.n_groups for u in self.gates.units if u.kind == kind) for kind in kinds
+        }
+        names = {"ffn": "FFN neurons", "heads": "heads", "layers": "decoder layers"}
         t = self.target
         say(
-            f"structured gates on {neurons:,} FFN neurons and {heads} heads ({grouped:,} of "
+            "structured gates on "
+            + " and ".join(f"{counts[k]:,} {names[k]}" for k in kinds)
+            + f" ({grouped:,} of "
             f"{total:,} parameters); target: {t.compression_ratio:.2f}x = structured sparsity "
             f"{t.sparsity:.4f}"
         )
