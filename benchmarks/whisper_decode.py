@@ -2,15 +2,16 @@
 
     python benchmarks/whisper_decode.py --model dense=runs/compare/seed0/dense \\
         --model gates-2.86x=runs/embedded-compress [--model NAME=PATH ...]
-        [--runtime torch ct2-float32 ct2-int8] [--batch 1 8] [--threads 2] [--rounds 2]
+        [--runtime torch onnx ct2-float32 ct2-int8] [--batch 1 8] [--threads 2] [--rounds 2]
         [--data embedded:test embedded:real] [--utterances N] [--work runs/decode-bench]
         [--json OUT] [--plot OUT.png]
     python benchmarks/whisper_decode.py --from-json OUT     # the table of a stored run again
 
 Every `--model NAME=PATH` is a Hugging Face, run, packed or shrunk Whisper directory; the
-first is the dense reference. Runtimes: `torch` (PyTorch, fp32, `generate`), `ct2-float32`
-and `ct2-int8` (CTranslate2, the model exported with `pinchgate export --format ct2` into
-`--work`, int8 weights with CTranslate2's int8 kernels). Every runtime decodes the same
+first is the dense reference. Runtimes: `torch` (PyTorch, fp32, `generate`), `onnx`
+(onnxruntime, fp32: `pinchgate export --format onnx`, encoder and cached decoder, greedy),
+`ct2-float32` and `ct2-int8` (CTranslate2: `pinchgate export --format ct2`, int8 weights
+with CTranslate2's int8 kernels); exports go into `--work`. Every runtime decodes the same
 way (`WhisperFamily.decode`: transformers' log-mel features at the model's window, greedy,
 the same token budget and runaway guard), so the runtimes differ only in the model's
 arithmetic.
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from inference import peak_rss  # benchmarks/inference.py, beside this script
 
-RUNTIMES = ("torch", "ct2-float32", "ct2-int8")
+RUNTIMES = ("torch", "onnx", "ct2-float32", "ct2-int8")
 
 
 def _corpus(spec: str, limit: int | None):
@@ -67,7 +68,10 @@ def run_one(args: argparse.Namespace) -> dict:
         model_dir = source if is_packed(source) else resolve_model_dir(source)
         family = family_for(model_dir)
         processor = family.load_processor(model_dir)
-        model = family.ct2_runtime_model(Path(args.ct2_dir), args.runtime.removeprefix("ct2-"))
+        if args.runtime == "onnx":
+            model = family.onnx_runtime_model(Path(args.ct2_dir), None)
+        else:
+            model = family.ct2_runtime_model(Path(args.ct2_dir), args.runtime.removeprefix("ct2-"))
     rate = family.sampling_rate(processor)
     normalize = family.normalizer(processor)
     sets = {}
@@ -108,12 +112,13 @@ def run_one(args: argparse.Namespace) -> dict:
 
 def model_bytes(path: Path) -> int:
     names = ("model.bin", "model.safetensors", "model.pinch.safetensors")
+    names += ("encoder.onnx", "encoder.onnx.data", "decoder.onnx", "decoder.onnx.data")
     return sum((path / n).stat().st_size for n in names if (path / n).is_file())
 
 
 def prepare(models: dict[str, str], runtimes: list[str], work: Path) -> dict:
     """Export each model for the CTranslate2 runtimes (once) and note file sizes/params."""
-    from pinchgate.export import export_ct2, load_with_processor
+    from pinchgate.export import export_ct2, export_onnx, load_with_processor
     from pinchgate.families import count_parameters
 
     info = {}
@@ -127,12 +132,13 @@ def prepare(models: dict[str, str], runtimes: list[str], work: Path) -> dict:
             "ct2_dirs": {},
         }
         for runtime in runtimes:
-            if not runtime.startswith("ct2-"):
+            if runtime == "torch":
                 continue
-            quantization = runtime.removeprefix("ct2-")
-            out = work / f"{name}-{quantization}"
-            if not (out / "model.bin").is_file():
-                export_ct2(source, out, quantization)
+            out = work / f"{name}-{runtime}"
+            if runtime == "onnx" and not (out / "decoder.onnx").is_file():
+                export_onnx(source, out)
+            elif runtime != "onnx" and not (out / "model.bin").is_file():
+                export_ct2(source, out, runtime.removeprefix("ct2-"))
             entry["ct2_dirs"][runtime] = str(out)
             entry["bytes"][runtime] = model_bytes(out)
         info[name] = entry
@@ -240,7 +246,7 @@ def plot(rows: list[dict], path: str) -> None:
 
     specs = list(rows[0]["sets"])
     fig, axes = plt.subplots(1, len(specs), figsize=(6 * len(specs), 4.5), squeeze=False)
-    markers = {"torch": "o", "ct2-float32": "s", "ct2-int8": "^"}
+    markers = {"torch": "o", "onnx": "D", "ct2-float32": "s", "ct2-int8": "^"}
     for ax, spec in zip(axes[0], specs, strict=True):
         for row in rows:
             ax.scatter(
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # One measurement, in its own process (used by the parent).
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
-    parser.add_argument("--ct2-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--ct2-dir", help=argparse.SUPPRESS)  # the runtime's export
     parser.add_argument("--batch-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
