@@ -179,28 +179,32 @@ def export_whisper_onnx(model: nn.Module, out_dir: Path, opset: int) -> Path:
         {0: batch, 1: new},
         (*({0: batch} for _ in cross_names), *({0: batch, 2: past} for _ in cache_names)),
     )
+    # One file per graph while the protobuf stays under 2 GiB; larger models get external data.
+    external = sum(p.nbytes for p in model.state_dict().values()) > 1.5 * 2**30
     try:
         with torch.no_grad(), quiet_export():
-            torch.onnx.export(
+            program = torch.onnx.export(
                 encoder,
                 (features,),
-                str(tmp / "encoder.onnx"),
                 dynamo=True,
                 opset_version=opset,
                 input_names=["input_features"],
                 output_names=cross_names,
                 dynamic_shapes=({0: batch},),
+                verbose=False,
             )
-            torch.onnx.export(
+            program.save(str(tmp / "encoder.onnx"), external_data=external)
+            program = torch.onnx.export(
                 decoder,
                 (ids, *cross, *example_cache),
-                str(tmp / "decoder.onnx"),
                 dynamo=True,
                 opset_version=opset,
                 input_names=["input_ids", *cross_names, *[f"past_{n}" for n in cache_names]],
                 output_names=["logits", *[f"present_{n}" for n in cache_names]],
                 dynamic_shapes=decoder_shapes,
+                verbose=False,
             )
+            program.save(str(tmp / "decoder.onnx"), external_data=external)
     except Exception as exc:  # the exporter's many failure types: one line, nothing left
         shutil.rmtree(tmp, ignore_errors=True)
         raise PinchgateError(f"ONNX export of the Whisper model failed: {exc}") from None
