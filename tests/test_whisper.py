@@ -412,3 +412,35 @@ def test_layer_units_go_alone_and_only_where_the_family_has_them(
     cfg.method, cfg.train_dense_reference = "structured:units=layers", False
     with pytest.raises(PinchgateError, match="ctc models have no layers units"):
         run_compress(cfg)
+
+
+def test_uniform_ffn_units_shrink_into_a_stock_config(tiny_whisper_dir, toy_corpus, tmp_path):
+    from transformers import WhisperForConditionalGeneration
+
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.15)
+    cfg.method, cfg.train_dense_reference = "structured:units=ffn,uniform=1", False
+    results = run_compress(cfg)
+    compression, shrunk = results["compression"], results["compression"]["shrunk"]
+    assert shrunk["structure"] is None  # one width per stack, every head: stock
+    stock = WhisperForConditionalGeneration.from_pretrained(tmp_path / "model-shrunk")
+    for side in ("encoder", "decoder"):
+        widths = {layer.fc1.out_features for layer in getattr(stock.model, side).layers}
+        assert widths == {getattr(stock.config, f"{side}_ffn_dim")}
+    full = family_for(tiny_whisper_dir).load(tiny_whisper_dir).config
+    assert stock.config.encoder_ffn_dim < full.encoder_ffn_dim
+    # As close to the target as one neuron in every layer of a stack allows.
+    neuron = 2 * full.d_model + 1
+    target = compression["total_params"] / 1.15
+    assert abs(compression["kept_params"] - target) <= 2 * neuron
+    assert shrunk["params"] == compression["kept_params"]
+    assert shrunk["logit_check"]["max_abs_diff"] < 1e-4
+
+
+def test_uniform_needs_ffn_units_and_one_threshold_per_unit(tiny_whisper_dir, toy_corpus, tmp_path):
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.15)
+    cfg.method, cfg.train_dense_reference = "structured:units=ffn+heads,uniform=1", False
+    with pytest.raises(PinchgateError, match="use it with units=ffn"):
+        run_compress(cfg)
+    cfg.method, cfg.tying = "structured:units=ffn,uniform=1", "block"
+    with pytest.raises(PinchgateError, match="needs --tying matrix, not block"):
+        run_compress(cfg)

@@ -411,6 +411,68 @@ class StructuredGates(GateControls):
         self.scale_thresholds(factor)
         return factor
 
+    def fit_uniform(self, target_sparsity: float) -> float:
+        """The exact fit with the same number of groups kept in every unit of a stack (the
+        units named ``model.encoder...`` or ``model.decoder...``: a stock config holds one
+        feed-forward width per stack). The learned allocation sets each stack's share: the
+        common-factor fit's mean count per unit, scaled by one factor to the target. Each
+        unit's own threshold is then set between its k-th and (k+1)-th largest group.
+        Returns the geometric mean of the units' threshold factors."""
+        if self.frozen:
+            raise ValueError("masks are frozen; fit thresholds before freeze_masks()")
+        stacks: dict[str, list[GroupUnit]] = {}
+        for unit in self.units:
+            stacks.setdefault(_stack(unit.name), []).append(unit)
+        for name, units in stacks.items():
+            if len({(u.n_groups, u.group_params) for u in units}) != 1:
+                raise ValueError(f"uniform fit: the units of {name} differ in size")
+        if len({u.index for u in self.units}) != len(self.units):
+            raise ValueError("uniform fit: needs one threshold per unit (tying matrix)")
+        saved = self.bank.raw.detach().clone()
+        self.fit_thresholds(target_sparsity)  # the learned allocation, as counts per unit
+        learned = {
+            name: sum(int(u.hard_groups().sum()) for u in units) / len(units)
+            for name, units in stacks.items()
+        }
+        with torch.no_grad():
+            self.bank.raw.copy_(saved)
+        target_kept = (1.0 - target_sparsity) * self.numel
+
+        def counts(scale: float) -> dict[str, int]:
+            return {
+                name: min(units[0].n_groups, round(scale * learned[name]))
+                for name, units in stacks.items()
+            }
+
+        def kept(k: dict[str, int]) -> int:
+            return sum(k[n] * len(us) * us[0].group_params for n, us in stacks.items())
+
+        low, high = 0.0, 1.0
+        while kept(counts(high)) < target_kept and high < 1e6:
+            high *= 2
+        for _ in range(60):  # kept(counts(scale)) grows with scale
+            mid = (low + high) / 2
+            low, high = (mid, high) if kept(counts(mid)) < target_kept else (low, mid)
+        best = min((counts(low), counts(high)), key=lambda k: abs(kept(k) - target_kept))
+        factors = []
+        with torch.no_grad():
+            for name, units in stacks.items():
+                for unit in units:
+                    norms = unit.mean_squares().detach().double().sqrt().sort(descending=True)
+                    g, k = norms.values.tolist(), best[name]
+                    if k == 0:
+                        t = 2.0 * g[0] if g[0] > 0 else 1.0
+                    elif k == len(g):
+                        t = 0.5 * g[-1]
+                    else:
+                        t = math.sqrt(g[k - 1] * g[k]) if g[k] > 0 else 0.5 * g[k - 1]
+                    old = float(unit.threshold())
+                    scale = float(self.bank.scale[unit.index])
+                    self.bank.raw[unit.index] = t / scale
+                    if old > 0:
+                        factors.append(t / old)
+        return math.exp(sum(map(math.log, factors)) / len(factors)) if factors else 1.0
+
     def freeze_masks(self) -> tuple[int, int]:
         """Fix every unit's binary group mask; pruned groups are zeroed now. (kept, total)."""
         with torch.no_grad():
@@ -466,6 +528,15 @@ class StructuredGates(GateControls):
                 row[key] = unit.n_groups
                 row[f"{key}_kept"] = torch.nonzero(hard).reshape(-1).tolist()
         return list(rows.values())
+
+
+def _stack(name: str) -> str:
+    """The stack a unit belongs to: its name up to its layer index (model.encoder.layers)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i])
+    return name
 
 
 def _zero_pruned(unit: GroupUnit, hard: Tensor) -> None:

@@ -530,8 +530,10 @@ def _drop_decoder_layers(model: nn.Module) -> list[int]:
 
 def shrink(model: nn.Module) -> nn.Module:
     """A copy without the zeroed heads, neurons and decoder layers (same outputs). Removed
-    layers change `decoder_layers` in the config; other changes are recorded under
-    `pinchgate_structure` (none when every remaining layer is whole: a stock model)."""
+    layers change `decoder_layers` in the config; when every head is kept and each stack's
+    layers keep the same number of neurons, the widths go into `encoder_ffn_dim` and
+    `decoder_ffn_dim` (a stock model); otherwise the per-layer sizes are recorded under
+    `pinchgate_structure`."""
     for unit in structured_units(model):
         if any(parametrize.is_parametrized(m.module, m.name) for m in unit.members):
             raise ValueError("gates are still attached: harden the model before shrinking it")
@@ -547,7 +549,8 @@ def shrink(model: nn.Module) -> nn.Module:
             entries[encoder_layers + i] for i in kept_decoder
         ]
     layers = []
-    whole = True
+    whole = previous is None  # every head kept: then uniform FFN widths make it stock
+    widths: dict[str, set[int]] = {"encoder": set(), "decoder": set()}
     for i, (_, layer, is_decoder) in enumerate(_layers(target)):
         entry = {}
         for kind in ("self_attn", "encoder_attn") if is_decoder else ("self_attn",):
@@ -556,15 +559,22 @@ def shrink(model: nn.Module) -> nn.Module:
             _shrink_attention(layer, kind, heads)
             if previous is not None:  # shrinking a shrunken model: keep the original indices
                 heads = [previous["layers"][i][kind][h] for h in heads]
-            whole = whole and previous is None and len(heads) == full
+            whole = whole and len(heads) == full
             entry[kind] = heads
-        full = layer.fc1.out_features
         neurons = torch.nonzero(layer.fc2.weight.detach().ne(0).any(0)).reshape(-1).tolist()
         _shrink_ffn(layer, neurons)
-        whole = whole and len(neurons) == full
+        widths["decoder" if is_decoder else "encoder"].add(len(neurons))
         entry["ffn"] = len(neurons)
         layers.append(entry)
-    if whole:
+    if (
+        whole
+        and all(len(w) <= 1 for w in widths.values())
+        and all(min(w, default=1) for w in widths.values())
+    ):
+        # One width per stack and every head: stock transformers config.
+        for side, width in widths.items():
+            if width:
+                setattr(target.config, f"{side}_ffn_dim", width.pop())
         if hasattr(target.config, STRUCTURE_KEY):
             delattr(target.config, STRUCTURE_KEY)
     else:

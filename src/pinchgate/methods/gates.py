@@ -105,7 +105,7 @@ class GateMethod(CompressionMethod):
         logs = {}
         if step == self.freeze_step and not self.gates.frozen and step < cfg.max_steps:
             before = 1.0 - self.gates.hard_kept_fraction()
-            factor = self.gates.fit_thresholds(self.target.sparsity)
+            factor = self.fit_thresholds(self.gates)
             self.fit = {"sparsity_before_fit": before, "final_fit_factor": factor}
             kept, total = self.freeze(self.gates)
             logs = {"fit_factor": factor, "sparsity_before_fit": before, "frozen_at": step}
@@ -150,9 +150,13 @@ class GateMethod(CompressionMethod):
         if gates.frozen:
             return self.fit["final_fit_factor"]
         self.fit["sparsity_before_fit"] = 1.0 - gates.hard_kept_fraction()
-        self.fit["final_fit_factor"] = gates.fit_thresholds(self.target.sparsity)
+        self.fit["final_fit_factor"] = self.fit_thresholds(gates)
         self.freeze(gates)
         return self.fit["final_fit_factor"]
+
+    def fit_thresholds(self, gates) -> float:
+        """The exact fit: every threshold scaled by one factor to the target count."""
+        return gates.fit_thresholds(self.target.sparsity)
 
     def freeze(self, gates: GatedModel) -> tuple[int, int]:
         """Freeze the masks keeping exactly the target count (ties broken)."""

@@ -36,6 +36,7 @@ class StructuredOptions:
     those layers are cut from, so it goes alone."""
 
     units: str = "ffn+heads"
+    uniform: int = 0  # 1: the same number of groups kept in every layer of a stack
 
     def kinds(self) -> list[str]:
         return [kind for kind in self.units.split("+") if kind]
@@ -47,6 +48,13 @@ class StructuredOptions:
             raise PinchgateError(
                 f"--method {spec}: units={self.units!r}; choose from {', '.join(UNIT_KINDS)} "
                 "joined by + (e.g. units=ffn, units=ffn+heads)"
+            )
+        if self.uniform not in (0, 1):
+            raise PinchgateError(f"--method {spec}: uniform must be 0 or 1")
+        if self.uniform and kinds != ["ffn"]:
+            raise PinchgateError(
+                f"--method {spec}: uniform=1 keeps feed-forward widths equal per stack; "
+                "use it with units=ffn"
             )
         if "layers" in kinds and len(kinds) > 1:
             raise PinchgateError(
@@ -65,7 +73,13 @@ class StructuredGateMethod(GateMethod):
         cfg = self.cfg
         total = count_parameters(model)["total"]
         gate_cfg = StructuredGateConfig(cfg.tau_rel, cfg.threshold_init_rel, cfg.tying)
-        kinds = (self.options or StructuredOptions()).kinds()
+        options = self.options or StructuredOptions()
+        kinds = options.kinds()
+        if options.uniform and cfg.tying != "matrix":
+            raise PinchgateError(
+                f"--method {cfg.method}: uniform=1 sets each unit's threshold; it needs "
+                f"--tying matrix, not {cfg.tying}"
+            )
         try:
             family = family_for_model(model)
             units = [u for u in family.structured_units(model) if u.kind in kinds]
@@ -98,6 +112,11 @@ class StructuredGateMethod(GateMethod):
             f"{total:,} parameters); target: {t.compression_ratio:.2f}x = structured sparsity "
             f"{t.sparsity:.4f}"
         )
+
+    def fit_thresholds(self, gates: StructuredGates) -> float:
+        if self.options is not None and self.options.uniform:
+            return gates.fit_uniform(self.target.sparsity)
+        return gates.fit_thresholds(self.target.sparsity)
 
     def freeze(self, gates: StructuredGates) -> tuple[int, int]:
         """Structured gates keep whole groups, so they land as close as groups allow."""
