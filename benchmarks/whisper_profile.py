@@ -2,6 +2,7 @@
 
     python benchmarks/whisper_profile.py [--model whisper-tiny.en | DIR] [--window 10]
         [--data embedded:test embedded:real] [--utterances 24] [--batch 1 8] [--threads 2]
+        [--ct2 CT2_DIR [--ct2-compute-type int8]]
 
 Decodes the first `--utterances` clips of each set exactly as `pinchgate evaluate` does
 (`generate`, greedy, the run's window) in batches of `--batch`, with forward hooks that time
@@ -10,8 +11,12 @@ output projection (tied to the token embedding) and the decoder's embedding and 
 "decoder: rest" is the decoder's time outside those (embedding, norms, residuals, cache
 updates), "generate overhead" what is left of the wall time (search bookkeeping, logits
 processing, Python). Hooks add a little time of their own, counted in the overhead. Prints
-one markdown table per batch size: seconds and share of the total, decoded tokens, and
-milliseconds per decoded token step. Numbers, not assertions: run it on an idle machine.
+one markdown table per batch size: seconds and share of the total and the decoded tokens.
+With `--ct2 DIR` (the same model exported by `pinchgate export --format ct2`, any
+precision), the same clips through CTranslate2 too, split into features, encoder
+(`encode`) and decoder (`generate` from the encoder output: every decoder step, the output
+projection and the search), CTranslate2 having no per-module hooks. Numbers, not
+assertions: run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--utterances", type=int, default=24, help="per set")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ct2", default=None, help="also profile this CTranslate2 export")
+    parser.add_argument("--ct2-compute-type", default="float32", help="float32 or int8")
     args = parser.parse_args(argv)
 
     import torch
@@ -125,7 +132,49 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---:|---:|")
         for label, seconds in sorted(merged.items(), key=lambda kv: -kv[1]):
             print(f"| {label} | {seconds:.2f} | {100 * seconds / wall:.1f}% |")
+    if args.ct2:
+        profile_ct2(args, processor, clips, audio_seconds)
     return 0
+
+
+def profile_ct2(args, processor, clips, audio_seconds: float) -> None:
+    """Features, encoder and decoder time of the same clips in CTranslate2."""
+    import numpy as np
+
+    from pinchgate.families.whisper import max_new_tokens
+    from pinchgate.families.whisper_ct2 import Ct2Whisper
+
+    runtime = Ct2Whisper(args.ct2, args.ct2_compute_type, args.threads)
+    extractor = processor.feature_extractor
+    prompt = list(processor.tokenizer.prefix_tokens)
+    storage = runtime._storage
+    for batch in args.batch:
+        parts = {"features": 0.0, "encoder": 0.0, "decoder (all steps)": 0.0}
+        for i in range(0, len(clips), batch):
+            chunk = clips[i : i + batch]
+            t0 = time.perf_counter()
+            features = extractor(chunk, sampling_rate=16000, return_tensors="np")
+            view = storage.from_array(np.ascontiguousarray(features["input_features"]))
+            t1 = time.perf_counter()
+            encoded = runtime.model.encode(view, to_cpu=False)
+            t2 = time.perf_counter()
+            budget = max_new_tokens(max(len(c) for c in chunk) / 16000, runtime.config)
+            runtime.model.generate(
+                encoded, [prompt] * len(chunk), beam_size=1, max_length=2 * (len(prompt) + budget)
+            )
+            t3 = time.perf_counter()
+            parts["features"] += t1 - t0
+            parts["encoder"] += t2 - t1
+            parts["decoder (all steps)"] += t3 - t2
+        wall = sum(parts.values())
+        print(
+            f"\nCTranslate2 {runtime.compute_type}, batch {batch}: {wall:.2f} s, RTF "
+            f"{wall / audio_seconds:.4f}"
+        )
+        print("| part | seconds | share |")
+        print("|---|---:|---:|")
+        for label, seconds in parts.items():
+            print(f"| {label} | {seconds:.2f} | {100 * seconds / wall:.1f}% |")
 
 
 if __name__ == "__main__":
