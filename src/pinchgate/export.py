@@ -52,6 +52,23 @@ def export_onnx(source: str | Path, out_path: str | Path, opset: int = ONNX_OPSE
         raise PinchgateError(f"{source}: {exc}") from None
 
 
+def decode_both(model, exported, label: str, family, processor, utterances, batch_seconds) -> dict:
+    """Scores of the PyTorch model ("torch") and of its export (`label`) on `utterances`,
+    and how many of their transcripts are identical."""
+    references = [u.transcript for u in utterances]
+    out: dict = {"utterances": len(utterances)}
+    hypotheses = {}
+    for key, candidate in (("torch", model), (label, exported)):
+        hypotheses[key], seconds = transcribe(
+            candidate, family, processor, utterances, batch_seconds
+        )
+        out[key] = {**score(references, hypotheses[key], family.normalizer(processor))}
+        out[key]["decode_seconds"] = seconds
+    pairs = zip(hypotheses["torch"], hypotheses[label], strict=True)
+    out["same_hypotheses"] = sum(a == b for a, b in pairs)
+    return out
+
+
 def check_onnx_on_corpus(
     onnx_path: str | Path,
     source: str | Path,
@@ -68,17 +85,7 @@ def check_onnx_on_corpus(
     """
     model, family, processor, _ = load_with_processor(source)
     onnx_model = family.onnx_runtime_model(onnx_path, model)
-    references = [u.transcript for u in utterances]
-    out: dict = {"utterances": len(utterances)}
-    hypotheses = {}
-    for label, candidate in (("torch", model), ("onnx", onnx_model)):
-        hypotheses[label], seconds = transcribe(
-            candidate, family, processor, utterances, batch_seconds
-        )
-        out[label] = {**score(references, hypotheses[label], family.normalizer(processor))}
-        out[label]["decode_seconds"] = seconds
-    pairs = zip(hypotheses["torch"], hypotheses["onnx"], strict=True)
-    out["same_hypotheses"] = sum(a == b for a, b in pairs)
+    out = decode_both(model, onnx_model, "onnx", family, processor, utterances, batch_seconds)
     rate = family.sampling_rate(processor)
     audio = [load_audio(u.audio_path, rate) for u in utterances[:8]]
     with torch.no_grad():
@@ -125,17 +132,7 @@ def check_ct2_on_corpus(
     model, family, processor, _ = load_with_processor(source)
     model, processor = family.at_window(model, processor, window)
     runtime = family.ct2_runtime_model(Path(ct2_dir), compute_type)
-    references = [u.transcript for u in utterances]
-    out: dict = {"utterances": len(utterances)}
-    hypotheses = {}
-    for label, candidate in (("torch", model), ("ct2", runtime)):
-        hypotheses[label], seconds = transcribe(
-            candidate, family, processor, utterances, batch_seconds
-        )
-        out[label] = {**score(references, hypotheses[label], family.normalizer(processor))}
-        out[label]["decode_seconds"] = seconds
-    pairs = zip(hypotheses["torch"], hypotheses["ct2"], strict=True)
-    out["same_hypotheses"] = sum(a == b for a, b in pairs)
+    out = decode_both(model, runtime, "ct2", family, processor, utterances, batch_seconds)
     rate = family.sampling_rate(processor)
     audio = [load_audio(u.audio_path, rate) for u in utterances[:8]]
     out.update(family.ct2_parity(runtime, model, processor, audio))

@@ -58,6 +58,19 @@ class UnitSpec:
     group_params: int | None = None
 
 
+class RuntimeModel:
+    """A model run outside PyTorch (an ONNX or CTranslate2 export) that pinchgate's
+    decoding and scoring take where they take an nn.Module (they switch it to eval)."""
+
+    training = False
+
+    def eval(self) -> RuntimeModel:
+        return self
+
+    def train(self, mode: bool = True) -> RuntimeModel:
+        return self
+
+
 class ModelFamily(ABC):
     """The model-specific half of pinchgate; see the module docstring for what it owns.
 

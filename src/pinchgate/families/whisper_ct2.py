@@ -28,6 +28,7 @@ import numpy as np
 from torch import nn
 
 from pinchgate.errors import PinchgateError
+from pinchgate.families.base import RuntimeModel
 
 COMPUTE_TYPES = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16")
 # Files a CTranslate2 Whisper directory carries beside model.bin for faster-whisper.
@@ -122,7 +123,7 @@ def export_ct2(model: nn.Module, model_dir: Path, out: Path, quantization: str |
     return out
 
 
-class Ct2Whisper:
+class Ct2Whisper(RuntimeModel):
     """A CTranslate2 Whisper directory, run on the CPU, decoding through
     `WhisperFamily.decode` like the PyTorch model it came from."""
 
@@ -154,14 +155,6 @@ class Ct2Whisper:
             preprocessor = self.path / "preprocessor_config.json"
             stock = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
             self.window = int(stock.get("chunk_length", 30))
-
-    training = False  # read by pinchgate.evaluate.transcribe like an nn.Module's
-
-    def eval(self) -> Ct2Whisper:
-        return self
-
-    def train(self, mode: bool = True) -> Ct2Whisper:
-        return self
 
     def encode(self, features: np.ndarray) -> np.ndarray:
         """Encoder output for log-mel features [batch, mels, frames] (float32)."""

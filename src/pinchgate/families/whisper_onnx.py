@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from pinchgate.errors import PinchgateError
+from pinchgate.families.base import RuntimeModel
 from pinchgate.families.onnxrt import onnx_session, quiet_export, require_exporter
 
 DECODING_FILE = "pinchgate_onnx.json"
@@ -232,10 +233,8 @@ def export_whisper_onnx(model: nn.Module, out_dir: Path, opset: int) -> Path:
     return out_dir
 
 
-class OnnxWhisper:
+class OnnxWhisper(RuntimeModel):
     """An exported Whisper directory run by onnxruntime behind `WhisperFamily.decode`."""
-
-    training = False  # read by pinchgate.evaluate.transcribe like an nn.Module's
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -247,12 +246,6 @@ class OnnxWhisper:
         self.decoder = onnx_session(self.path / "decoder.onnx")
         self.window = int(self.settings["window_seconds"])
         self.config = SimpleNamespace(max_target_positions=self.settings["max_target_positions"])
-
-    def eval(self) -> OnnxWhisper:
-        return self
-
-    def train(self, mode: bool = True) -> OnnxWhisper:
-        return self
 
     def _cross(self, features: np.ndarray) -> dict[str, np.ndarray]:
         values = self.encoder.run(None, {"input_features": features.astype(np.float32)})
