@@ -401,46 +401,25 @@ def test_layer_units_drop_whole_decoder_layers_into_a_stock_model(
     assert found["same_hypotheses"] == len(utterances), found
 
 
-def test_layer_units_go_alone_and_only_where_the_family_has_them(
+def test_layer_units_take_the_decoder_and_leave_other_kinds_the_encoder(
     tiny_whisper_dir, tiny_model_dir, toy_corpus, tmp_path
 ):
-    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.1)
+    from pinchgate.families.whisper import structured_units
+    from pinchgate.methods.structured import _without_overlap
+
+    model = family_for(tiny_whisper_dir).load(tiny_whisper_dir)
+    kept = _without_overlap([u for u in structured_units(model) if u.kind in ("layers", "ffn")])
+    names = {u.name.rpartition(".")[0].rpartition(".")[0] for u in kept if u.kind == "ffn"}
+    assert names == {"model.encoder.layers"}
+    assert sum(u.kind == "layers" for u in kept) == len(model.model.decoder.layers)
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=None)
+    cfg.target_sparsity = 0.5
     cfg.method, cfg.train_dense_reference = "structured:units=layers+ffn", False
-    with pytest.raises(PinchgateError, match="give it alone"):
-        run_compress(cfg)
+    results = run_compress(cfg)
+    shrunk = results["compression"]["shrunk"]
+    assert shrunk["params"] == results["compression"]["kept_params"]
+    assert shrunk["logit_check"]["max_abs_diff"] < 1e-4
     cfg = config(CompressConfig, tiny_model_dir, toy_corpus, tmp_path / "ctc", target_ratio=1.1)
     cfg.method, cfg.train_dense_reference = "structured:units=layers", False
     with pytest.raises(PinchgateError, match="ctc models have no layers units"):
-        run_compress(cfg)
-
-
-def test_uniform_ffn_units_shrink_into_a_stock_config(tiny_whisper_dir, toy_corpus, tmp_path):
-    from transformers import WhisperForConditionalGeneration
-
-    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.15)
-    cfg.method, cfg.train_dense_reference = "structured:units=ffn,uniform=1", False
-    results = run_compress(cfg)
-    compression, shrunk = results["compression"], results["compression"]["shrunk"]
-    assert shrunk["structure"] is None  # one width per stack, every head: stock
-    stock = WhisperForConditionalGeneration.from_pretrained(tmp_path / "model-shrunk")
-    for side in ("encoder", "decoder"):
-        widths = {layer.fc1.out_features for layer in getattr(stock.model, side).layers}
-        assert widths == {getattr(stock.config, f"{side}_ffn_dim")}
-    full = family_for(tiny_whisper_dir).load(tiny_whisper_dir).config
-    assert stock.config.encoder_ffn_dim < full.encoder_ffn_dim
-    # As close to the target as one neuron in every layer of a stack allows.
-    neuron = 2 * full.d_model + 1
-    target = compression["total_params"] / 1.15
-    assert abs(compression["kept_params"] - target) <= 2 * neuron
-    assert shrunk["params"] == compression["kept_params"]
-    assert shrunk["logit_check"]["max_abs_diff"] < 1e-4
-
-
-def test_uniform_needs_ffn_units_and_one_threshold_per_unit(tiny_whisper_dir, toy_corpus, tmp_path):
-    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path, target_ratio=1.15)
-    cfg.method, cfg.train_dense_reference = "structured:units=ffn+heads,uniform=1", False
-    with pytest.raises(PinchgateError, match="use it with units=ffn"):
-        run_compress(cfg)
-    cfg.method, cfg.tying = "structured:units=ffn,uniform=1", "block"
-    with pytest.raises(PinchgateError, match="needs --tying matrix, not block"):
         run_compress(cfg)

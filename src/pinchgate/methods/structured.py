@@ -31,9 +31,10 @@ UNIT_KINDS = ("ffn", "heads", "layers")
 
 @dataclass
 class StructuredOptions:
-    """``structured:units=ffn`` gates only the kinds named (``+`` between several);
+    """``structured:units=ffn`` gates only the kinds named (``+`` between several).
     ``layers`` (whole decoder layers, Whisper) gates the tensors the heads and neurons of
-    those layers are cut from, so it goes alone."""
+    those layers are cut from: with it, ``ffn`` and ``heads`` gate only the units outside
+    the decoder layers (the encoder's)."""
 
     units: str = "ffn+heads"
     uniform: int = 0  # 1: the same number of groups kept in every layer of a stack
@@ -56,11 +57,20 @@ class StructuredOptions:
                 f"--method {spec}: uniform=1 keeps feed-forward widths equal per stack; "
                 "use it with units=ffn"
             )
-        if "layers" in kinds and len(kinds) > 1:
-            raise PinchgateError(
-                f"--method {spec}: units=layers gates the same tensors as heads and ffn; "
-                "give it alone (units=layers)"
-            )
+
+
+def _without_overlap(units: list) -> list:
+    """Whole-layer units first; a unit sharing a tensor with one of them is left out (its
+    neurons or heads go with the layer)."""
+    taken = set()
+    for unit in units:
+        if unit.kind == "layers":
+            taken |= {(id(m.module), m.name) for m in [*unit.members, *unit.dead]}
+    return [
+        u
+        for u in units
+        if u.kind == "layers" or not any((id(m.module), m.name) in taken for m in u.members)
+    ]
 
 
 class StructuredGateMethod(GateMethod):
@@ -82,7 +92,7 @@ class StructuredGateMethod(GateMethod):
             )
         try:
             family = family_for_model(model)
-            units = [u for u in family.structured_units(model) if u.kind in kinds]
+            units = _without_overlap([u for u in family.structured_units(model) if u.kind in kinds])
             if not units:
                 raise ValueError(f"{family.name} models have no {'+'.join(kinds)} units")
             self.gates = attach_structured_gates(model, gate_cfg, units)
