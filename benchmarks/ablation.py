@@ -20,7 +20,8 @@ A variant whose `report.json` exists is not run again (a killed run resumes: the
 the same). Then prints one markdown table: the hard gated sparsity the training reached on
 its own (last log step before the exact fit), the factor the fit moved every threshold by,
 the ratio landed, the lowest and highest sparsity of a gated matrix, WER and MAPSSWE p
-against the dense reference per set, compression time.
+against the dense reference per set, compression time; then MAPSSWE of every variant
+against `default` per set (variants that are the default itself are left out).
 """
 
 from __future__ import annotations
@@ -150,6 +151,40 @@ def main() -> None:
     print("|" + "---|" * len(head))
     for name, run in runs.items():
         print(row(name, run))
+    if "default" in runs:
+        print(against_default(runs, sets))
+
+
+def against_default(runs: dict[str, Path], sets: list[str]) -> str:
+    """A second table: MAPSSWE of every variant against `default` on the same utterances
+    (the runs' eval/*.jsonl), with both error counts."""
+    from pinchgate.significance import mapsswe
+
+    def hypotheses(run: Path, key: str) -> dict[str, dict]:
+        lines = (run / "eval" / f"{key}.jsonl").read_text().splitlines()
+        return {r["id"]: r for r in map(json.loads, lines)}
+
+    names = [Path(k.replace("embedded:", "")).name for k in sets]
+    lines = ["", "Against `default` (errors: variant vs default):", ""]
+    lines.append("| variant | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(sets))
+    for name, run in runs.items():
+        if name == "default" or run.resolve() == runs["default"].resolve():
+            continue
+        cells = []
+        for key in sets:
+            mine, base = hypotheses(run, key), hypotheses(runs["default"], key)
+            ids = sorted(mine)
+            test = mapsswe(
+                [mine[i]["ref"] for i in ids],
+                [mine[i]["hyp"] for i in ids],
+                [base[i]["hyp"] for i in ids],
+            )
+            side = "worse" if test.errors_a > test.errors_b else "better"
+            mark = f" {side}" if test.p_value < 0.05 else ""
+            cells.append(f"p {test.p_value:.3f}{mark} ({test.errors_a} vs {test.errors_b})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
