@@ -188,10 +188,11 @@ def compress(
     method: Annotated[
         str | None,
         Opt(
-            help="gates (default), structured (whole FFN neurons and attention heads; also "
-            "writes the physically smaller model-shrunk/) or a baseline: dense, ump, "
-            "global-magnitude, gmp, parp, str; options as NAME:key=value,... "
-            "(docs/baselines.md)."
+            help="gates (default), structured (whole FFN neurons and attention heads, or "
+            "structured:units=ffn|heads|layers joined by +, layers = Whisper decoder layers, "
+            "uniform=1 for one FFN width per stack; also writes the physically smaller "
+            "model-shrunk/) or a baseline: dense, ump, global-magnitude, gmp, parp, str; "
+            "options as NAME:key=value,... (docs/baselines.md, docs/structured.md)."
         ),
     ] = None,
     target_ratio: Annotated[
