@@ -8,7 +8,10 @@
 #      compute), and the gates alone at 2x and 6x;
 #   4. gate overhead (a compression step against a dense step);
 #   5. the packed files of the 4.26x model, unpacked and scored;
-#   6. the design ablation at 2.86x.
+#   6. the design ablation at 2.86x;
+#   7. deployment runtimes: ONNX and CTranslate2 (fp32, int8) exports of the dense and 2.86x
+#      models checked transcript by transcript, where decoding time goes, structured runs
+#      that remove decoder layers, and the decoding benchmark over runtimes.
 #
 #   bash benchmarks/embedded_results.sh [RUNS_DIR]        # default runs/; several hours here
 #
@@ -61,6 +64,29 @@ step unpack-4.26x-int8 "$packed-int8-eval/results.json" bash -c \
 [ -e "$runs/ablation-default" ] || ln -s compare/seed0/gates-2.86x "$runs/ablation-default"
 step ablation "" python benchmarks/ablation.py \
     --dense-reference "$c/seed0/dense" --out "$runs/ablation"
+for model in dense gates-2.86x; do
+    src="$c/seed0/$model"
+    sets=(--check-data embedded:test --check-data embedded:real)
+    step "onnx-$model" "$runs/onnx-$model/decoder.onnx" \
+        pinchgate export "$src" "$runs/onnx-$model" --check "${sets[@]}"
+    for q in float32 int8; do
+        step "ct2-$model-$q" "$runs/ct2-$model-$q/model.bin" pinchgate export "$src" \
+            "$runs/ct2-$model-$q" --format ct2 --quantization "$q" "${sets[@]}"
+    done
+done
+step profile "" python benchmarks/whisper_profile.py --model "$c/seed0/dense/model" \
+    --ct2 "$runs/ct2-dense-int8" --ct2-compute-type int8
+s19="$runs/s19"
+for units in layers layers+ffn; do
+    name=${units/+/-}-half
+    step "s19-$name" "$s19/$name/report.json" pinchgate compress --method "structured:units=$units" \
+        --target-sparsity 0.5 --dense-reference "$c/seed0/dense" --no-train-dense-reference \
+        --no-zero-shot --output-dir "$s19/$name"
+done
+step decode-bench "" python benchmarks/whisper_decode.py --model dense="$c/seed0/dense" \
+    --model gates-2.86x="$c/seed0/gates-2.86x" --model layers-half="$s19/layers-half/model-shrunk" \
+    --model layers-ffn-half="$s19/layers-ffn-half/model-shrunk" --utterances 60 \
+    --work "$runs/decode-bench" --json "$runs/decode-bench.json" --plot "$runs/decode-bench.png"
 echo "== all done ($(date -u +%H:%M:%S)); tables: python benchmarks/compare.py --out $c" \
     "--report-only --methods gates ump global-magnitude gmp parp str structured gates-long;" \
     "python benchmarks/ablation.py --table-only --dense-reference $c/seed0/dense"
