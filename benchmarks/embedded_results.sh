@@ -85,7 +85,7 @@ for units in layers layers+ffn; do
 done
 step decode-bench "" python benchmarks/whisper_decode.py --model dense="$c/seed0/dense" \
     --model gates-2.86x="$c/seed0/gates-2.86x" --model layers-half="$s19/layers-half/model-shrunk" \
-    --model layers-ffn-half="$s19/layers-ffn-half/model-shrunk" --utterances 60 \
+    --model layers-ffn-half="$s19/layers-ffn-half/model-shrunk" --utterances 40 \
     --work "$runs/decode-bench" --json "$runs/decode-bench.json" --plot "$runs/decode-bench.png"
 echo "== all done ($(date -u +%H:%M:%S)); tables: python benchmarks/compare.py --out $c" \
     "--report-only --methods gates ump global-magnitude gmp parp str structured gates-long;" \
