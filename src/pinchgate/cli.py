@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from pinchgate.console import stderr_console
 from pinchgate.errors import PinchgateError
 
 app = typer.Typer(
@@ -24,7 +24,7 @@ data_app = typer.Typer(help="Make and inspect corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 convert_app = typer.Typer(help="Convert models from other formats.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
-console = Console(stderr=True)
+console = stderr_console()
 
 
 def user_errors(command):

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from pinchgate.checkpoint import atomic_write_text, run_lock
 from pinchgate.config import CompressConfig, FinetuneConfig
-from pinchgate.console import is_main_process, say
+from pinchgate.console import is_main_process, say, stderr_console
 from pinchgate.data.audio import load_audio
 from pinchgate.data.batching import bucket_batches
 from pinchgate.data.builtin import corpus_label
@@ -101,7 +101,8 @@ def compress_passes(cfg: CompressConfig, name: str, options, console: Console | 
     seconds = c["prune_seconds"] + c["harden_seconds"]
     passes.append(pass_row(spec.label, out, results["train_seconds"], seconds))
     if name == "structured" and main:
-        shrunk = export_shrunk(results, out, cfg.eval_batch_seconds, (console or Console()).print)
+        print_line = (console or stderr_console()).print
+        shrunk = export_shrunk(results, out, cfg.eval_batch_seconds, print_line)
         record_shrunk(out, results, shrunk)
     results["wall_seconds"] = time.perf_counter() - started
     results["method"], results["passes"] = name, passes

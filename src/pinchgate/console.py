@@ -14,7 +14,14 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def stderr_console() -> Console:
+    """The console of every status line: stderr, never wrapped (`soft_wrap`). Rich would
+    otherwise break lines at 80 columns when stderr is not a terminal, splitting a log line,
+    and a phrase, wherever a long path ends."""
+    return Console(stderr=True, soft_wrap=True)
+
+
 def say(message: str) -> None:
     """Print one status line on stderr, once per run however many processes train."""
     if is_main_process():
-        Console(stderr=True).print(message, highlight=False)
+        stderr_console().print(message, highlight=False)

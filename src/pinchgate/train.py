@@ -28,7 +28,7 @@ from transformers import get_scheduler
 
 from pinchgate import checkpoint as ckpt
 from pinchgate.config import FinetuneConfig
-from pinchgate.console import is_main_process
+from pinchgate.console import is_main_process, stderr_console
 from pinchgate.data.batching import SpeechDataset, bucket_batches
 from pinchgate.data.builtin import corpus_label, resolve_corpus
 from pinchgate.data.corpus import CorpusReport, DecodedClips, Utterance, load_corpus, read_corpus
@@ -83,7 +83,7 @@ def train_locked(
         kwargs_handlers=[ddp],
         cpu=not torch.cuda.is_available(),  # lets torchrun on CPUs form a gloo group
     )
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
     family = family_for(cfg.model)
@@ -500,7 +500,7 @@ def evaluate_zero_shot(cfg: FinetuneConfig, out_dir: Path, console: Console | No
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), dev=None)
     family = family_for(cfg.model)
     family.check_options(cfg)
-    say = (console or Console(stderr=True)).print
+    say = (console or stderr_console()).print
     processor, new_head = family.prepare_processor(cfg, out_dir, [])
     if new_head:
         raise PinchgateError(f"--model {cfg.model}: it has no output head to decode with yet")
