@@ -46,6 +46,7 @@ __all__ = [
     "Ct2Model",
     "convert_ct2_whisper",
     "find_packaged_ct2_dir",
+    "move_into_place",
     "read_ct2_model",
     "write_ct2_model",
 ]
@@ -828,7 +829,7 @@ def _fresh_tmp(out_dir: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
+def move_into_place(tmp: Path, out_dir: Path) -> None:
     """One rename, so a half-written directory never looks finished."""
     old = None
     if out_dir.exists():
@@ -929,7 +930,7 @@ def convert_ct2_whisper(
         os.umask(umask)
         for file in tmp.iterdir():  # safetensors creates its file 0600
             file.chmod(0o666 & ~umask)
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,6 +29,7 @@ from torch import nn
 
 from pinchgate.errors import PinchgateError
 from pinchgate.families.base import RuntimeModel
+from pinchgate.families.ct2 import move_into_place
 
 COMPUTE_TYPES = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16")
 # Files a CTranslate2 Whisper directory carries beside model.bin for faster-whisper.
@@ -117,9 +118,7 @@ def export_ct2(model: nn.Module, model_dir: Path, out: Path, quantization: str |
         "window_seconds": window,
     }
     (tmp / DECODING_FILE).write_text(json.dumps(decoding, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    move_into_place(tmp, out)
     return out
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from pinchgate.errors import PinchgateError
 from pinchgate.families.base import RuntimeModel
+from pinchgate.families.ct2 import move_into_place
 from pinchgate.families.onnxrt import onnx_session, quiet_export, require_exporter
 
 DECODING_FILE = "pinchgate_onnx.json"
@@ -227,9 +228,7 @@ def export_whisper_onnx(model: nn.Module, out_dir: Path, opset: int) -> Path:
         ],
     }
     (tmp / DECODING_FILE).write_text(json.dumps(decoding, indent=1) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    move_into_place(tmp, out_dir)
     return out_dir
 
 
