@@ -423,3 +423,25 @@ def test_layer_units_take_the_decoder_and_leave_other_kinds_the_encoder(
     cfg.method, cfg.train_dense_reference = "structured:units=layers", False
     with pytest.raises(PinchgateError, match="ctc models have no layers units"):
         run_compress(cfg)
+
+
+def test_the_exact_fit_keeps_the_strongest_decoder_layer(tiny_whisper_dir):
+    """A decoder without layers cannot transcribe: even a target the fit would reach by
+    removing every layer keeps the one with the highest ratio (a tiny.en run at 0.6 removed
+    all four, loss 0.5 -> 29, WER 100%)."""
+    from pinchgate.families.whisper import structured_units
+    from pinchgate.structured_gates import StructuredGateConfig, attach_structured_gates
+
+    model = family_for(tiny_whisper_dir).load(tiny_whisper_dir)
+    layers = [u for u in structured_units(model) if u.kind == "layers"]
+    gates = attach_structured_gates(model, StructuredGateConfig(), layers)
+    with torch.no_grad():
+        gates.bank.raw.fill_(1.0)
+    with torch.no_grad():
+        ratios = [float(u.mean_squares().sqrt() / u.threshold()) for u in gates.units]
+    gates.fit_thresholds(0.99)  # every layer's parameters: only reachable by removing all
+    kept = [bool(u.hard_groups().all()) for u in gates.units]
+    assert kept.count(True) == 1
+    assert kept.index(True) == max(range(len(ratios)), key=ratios.__getitem__)
+    gates.fit_thresholds(0.0)
+    assert all(bool(u.hard_groups().all()) for u in gates.units)

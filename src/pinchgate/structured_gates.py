@@ -373,6 +373,9 @@ class StructuredGates(GateControls):
 
         A group survives factor f while sqrt(ms) / t > f, so sorting those ratios gives every
         reachable count: the exact answer bisection on f would converge to. Returns f.
+
+        Whole decoder layers (kind ``layers``) are never all removed: a decoder without
+        layers cannot transcribe, so the strongest layer stays whatever the target.
         """
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
@@ -380,7 +383,7 @@ class StructuredGates(GateControls):
             raise ValueError("masks are frozen; fit thresholds before freeze_masks()")
         target_kept = (1.0 - target_sparsity) * self.numel
         with torch.no_grad():
-            ratios, sizes = [], []
+            ratios, sizes, layers = [], [], []
             for unit in self.units:
                 norm = unit.mean_squares().detach().double().cpu().sqrt()
                 t = float(unit.threshold())
@@ -388,12 +391,16 @@ class StructuredGates(GateControls):
                 ratio = norm / t if t > 0 else torch.where(norm > 0, math.inf, 0.0).double()
                 ratios.append(ratio)
                 sizes.append(torch.full_like(ratio, float(unit.group_params)))
+                layers.append(torch.full_like(ratio, float(unit.kind == "layers")))
             ratio = torch.cat(ratios)
             order = torch.argsort(ratio, descending=True, stable=True)
             r = ratio[order].tolist()
             kept_after = [0.0, *torch.cumsum(torch.cat(sizes)[order], 0).tolist()]
+            is_layer = torch.cat(layers)[order].tolist()
+        # The fewest groups to keep: up to and including the strongest decoder layer.
+        least = is_layer.index(1.0) + 1 if 1.0 in is_layer else 0
         best_k, factor = None, 1.0
-        for k in range(len(r) + 1):  # keep the k largest ratios: f in [below, above)
+        for k in range(least, len(r) + 1):  # keep the k largest ratios: f in [below, above)
             above = r[k - 1] if k > 0 else math.inf
             below = r[k] if k < len(r) else 0.0
             if not above > below:  # equal ratios cannot be split; ratio 0 is never kept
