@@ -7,14 +7,17 @@
         [--json OUT] [--plot OUT.png]
     python benchmarks/whisper_decode.py --from-json OUT     # the table of a stored run again
 
-Every `--model NAME=PATH` is a Hugging Face, run, packed or shrunk Whisper directory; the
-first is the dense reference. Runtimes: `torch` (PyTorch, fp32, `generate`), `onnx`
-(onnxruntime, fp32: `pinchgate export --format onnx`, encoder and cached decoder, greedy),
-`ct2-float32` and `ct2-int8` (CTranslate2: `pinchgate export --format ct2`, int8 weights
-with CTranslate2's int8 kernels); exports go into `--work`. Every runtime decodes the same
-way (`WhisperFamily.decode`: transformers' log-mel features at the model's window, greedy,
-the same token budget and runaway guard), so the runtimes differ only in the model's
-arithmetic.
+Every `--model NAME=PATH` is a Hugging Face, run, packed or shrunk Whisper directory (or a
+built-in name such as `whisper-tiny.en`); the first is the dense reference. `NAME=PATH@10`
+is that model with its encoder cut to a 10 s window (the first 500 positions, no training,
+as `pinchgate compress` cuts it for the run's longest clip), saved under `--work` first.
+
+Runtimes: `torch` (PyTorch, fp32, `generate`), `onnx` (onnxruntime, fp32: `pinchgate export
+--format onnx`, encoder and cached decoder, greedy), `ct2-float32` and `ct2-int8`
+(CTranslate2: `pinchgate export --format ct2`, int8 weights with CTranslate2's int8
+kernels); exports go into `--work`. Every runtime decodes the same way
+(`WhisperFamily.decode`: transformers' log-mel features at the model's window, greedy, the
+same token budget and runaway guard), so the runtimes differ only in the model's arithmetic.
 
 Each (model, runtime, batch) runs in its own process, so its peak resident memory and its
 threads are its own: load, one warm-up batch, then every clip of every set in batches of
@@ -110,6 +113,27 @@ def run_one(args: argparse.Namespace) -> dict:
     return out
 
 
+def with_window(name: str, source: str, work: Path) -> str:
+    """`PATH@SECONDS`: the model cut to that encoder window, saved once under `work`
+    (built-in names resolved to their directory)."""
+    from pinchgate.families.builtin import resolve_model
+
+    if "@" not in source:
+        return resolve_model(source)
+    source, seconds = source.rsplit("@", 1)
+    source = resolve_model(source)
+    out = work / f"{name}-hf"
+    if not (out / "config.json").is_file():
+        from pinchgate.export import load_with_processor
+        from pinchgate.families.whisper import cut_window
+        from pinchgate.families.whisper import with_window as processor_at
+
+        model, family, processor, _ = load_with_processor(source)
+        cut_window(model, int(seconds))
+        family.save(model, processor_at(processor, int(seconds)), out)
+    return str(out)
+
+
 def model_bytes(path: Path) -> int:
     names = ("model.bin", "model.safetensors", "model.pinch.safetensors")
     names += ("encoder.onnx", "encoder.onnx.data", "decoder.onnx", "decoder.onnx.data")
@@ -148,6 +172,7 @@ def prepare(models: dict[str, str], runtimes: list[str], work: Path) -> dict:
 def measure(args: argparse.Namespace, models: dict[str, str]) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    models = {name: with_window(name, source, work) for name, source in models.items()}
     info = prepare(models, args.runtime, work)
     combos = [(m, r, b) for b in args.batch for r in args.runtime for m in models]
     runs: dict[str, list[dict]] = {}
