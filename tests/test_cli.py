@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -15,6 +17,7 @@ COMMANDS = [
     ["data"],
     ["data", "toy"],
     ["data", "check"],
+    ["significance"],
 ]
 
 
@@ -87,3 +90,42 @@ def test_data_check_reports_problems(tmp_path, toy_corpus):
 def test_info_counts_parameters(tiny_model_dir):
     result = runner.invoke(app, ["info", str(tiny_model_dir)])
     assert result.exit_code == 0 and "parameters" in result.output and "lm_head" in result.output
+
+
+def _eval_dir(path, rows):
+    """An evaluation directory with one set ("s") of (id, ref, hyp) rows."""
+    import jiwer
+
+    path.mkdir(parents=True)
+    with open(path / "s.jsonl", "w", encoding="utf-8") as handle:
+        for utt, ref, hyp in rows:
+            out = jiwer.process_words(ref, hyp)
+            errors = out.substitutions + out.deletions + out.insertions
+            row = {"id": utt, "ref": ref, "hyp": hyp, "errors": errors, "words": len(ref.split())}
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def _worse(ref: str, errors: int) -> str:
+    """`ref` with 0, 1 or 2 adjacent substitutions: one MAPSSWE segment each, whose
+    differences vary (constant differences have no variance, hence no test)."""
+    return ref.replace(*[("", ""), ("cat", "dog"), ("cat sat", "dog sit")][errors])
+
+
+def test_significance_compares_two_evaluations(tmp_path):
+    refs = [f"the cat sat on mat number {i} today" for i in range(40)]
+    a = _eval_dir(tmp_path / "a", [(f"u{i}", r, r) for i, r in enumerate(refs)])
+    same = _eval_dir(tmp_path / "same", [(f"u{i}", r, r) for i, r in enumerate(refs)])
+    _eval_dir(
+        tmp_path / "run" / "eval",  # a run directory: its eval/ is read
+        [(f"u{i}", r, _worse(r, i % 3)) for i, r in enumerate(refs)],
+    )
+    result = runner.invoke(app, ["significance", str(a), str(same)])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| s |"))
+    assert "| 0.00% | 0.00% |" in row and row.endswith("| no |")
+    result = runner.invoke(app, ["significance", str(a), str(tmp_path / "run")])
+    row = next(line for line in result.output.splitlines() if line.startswith("| s |"))
+    assert "| 0.00% | 12.19% | 0 | 39 | 0.000 | B worse |" in row
+    result = runner.invoke(app, ["significance", str(a), str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no per-utterance .jsonl files" in result.output

@@ -357,6 +357,37 @@ def evaluate(
 
 @app.command()
 @user_errors
+def significance(
+    first: Annotated[
+        Path, typer.Argument(help="Evaluation directory (evaluate --output-dir) or run dir: A.")
+    ],
+    second: Annotated[Path, typer.Argument(help="The same for the system compared with A: B.")],
+) -> None:
+    """Whether two systems' WERs differ: MAPSSWE (NIST's matched-pair sentence-segment word
+    error test) on every set both were scored on, over the utterances they share."""
+    from pinchgate.report import compare_evaluations, eval_files
+
+    for path in (first, second):
+        if not eval_files(path):
+            raise PinchgateError(f"{path}: no per-utterance .jsonl files (nor in {path}/eval)")
+    rows = compare_evaluations(first, second)
+    if not rows:
+        raise PinchgateError(f"{first} and {second}: no set scored in both")
+    typer.echo("| set | utterances | words | WER A | WER B | errors A | errors B | p | at 0.05 |")
+    typer.echo("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        verdict = "no"
+        if row["significant_at_0.05"]:
+            verdict = "B worse" if row["compressed_errors"] > row["dense_errors"] else "B better"
+        typer.echo(
+            f"| {row['set']} | {row['utterances']} | {row['words']} | {100 * row['wer_a']:.2f}% "
+            f"| {100 * row['wer_b']:.2f}% | {row['dense_errors']} | {row['compressed_errors']} "
+            f"| {row['p_value']:.3f} | {verdict} |"
+        )
+
+
+@app.command()
+@user_errors
 def info(
     model: Annotated[str, typer.Argument(help="HF model directory or hub id; 'toy'.")],
 ) -> None:

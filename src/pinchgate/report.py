@@ -36,6 +36,44 @@ def compare_with_reference(run_eval: Path, reference_eval: Path) -> dict | None:
     }
 
 
+def eval_files(path: Path) -> dict[str, Path]:
+    """The per-utterance files of an evaluation: `evaluate --output-dir`'s directory, or a
+    run directory (its `eval/`), by set name."""
+    path = Path(path)
+    if not any(path.glob("*.jsonl")) and (path / "eval").is_dir():
+        path = path / "eval"
+    return {f.stem: f for f in sorted(path.glob("*.jsonl"))}
+
+
+def compare_evaluations(a: Path, b: Path) -> list[dict]:
+    """Per set both directories scored: WER of A and of B on their shared utterances and
+    MAPSSWE between them (A the "dense" side of `compare_with_reference`)."""
+    ours, theirs = eval_files(b), eval_files(a)
+    rows = []
+    for name in [n for n in theirs if n in ours]:
+        test = compare_with_reference(ours[name], theirs[name])
+        if test is None:
+            continue
+        words = {row["id"]: row["words"] for row in read_hypotheses(ours[name])}
+        shared = {row["id"] for row in read_hypotheses(theirs[name])} & set(words)
+        total = sum(words[u] for u in shared)
+        rows.append(
+            {
+                "set": name,
+                **test,
+                "words": total,
+                "wer_a": _shared_wer(theirs[name], shared),
+                "wer_b": _shared_wer(ours[name], shared),
+            }
+        )
+    return rows
+
+
+def _shared_wer(path: Path, shared: set[str]) -> float:
+    rows = [row for row in read_hypotheses(path) if row["id"] in shared]
+    return sum(row["errors"] for row in rows) / max(1, sum(row["words"] for row in rows))
+
+
 def write_report(
     run_dir: Path,
     cfg,
