@@ -3,7 +3,7 @@
     python benchmarks/whisper_structure_speed.py [--model DIR] [--window 10] [--clips 24]
         [--steps 30]
         [--runtime ct2-int8 ct2-float32 torch] [--batch 1 8] [--rounds 3] [--threads 2]
-        [--variant NAME=SPEC ...]
+        [--variant NAME=SPEC ...] [--save DIR]
 
 Before training a structured model, this says which cuts are worth it in which runtime.
 Each variant is `--model` (default: the embedded whisper-tiny.en) with whole decoder layers
@@ -16,6 +16,10 @@ exported with `pinchgate`'s converter into a temporary directory (`pip install '
 The variants and runtimes alternate within each of `--rounds` rounds; it prints the median
 seconds over rounds, their range, and the speed-up against `dense` in the same runtime at
 the same batch size. One process, `--threads` threads: run it on an idle machine.
+
+`--save DIR` also writes each variant as a model directory `DIR/NAME` (a stock transformers
+Whisper: fewer layers, one FFN width per stack), which `pinchgate finetune --model DIR/NAME`
+trains: a hand-chosen prune-then-fine-tune reference. `--rounds 0` only saves.
 
 What each cut costs before any training: the teacher-forced cross-entropy of every variant
 on the first `--loss-clips` clips of `--loss-data` (the family's labels and loss, as in
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", action="append", default=None, help="NAME=SPEC")
+    parser.add_argument("--save", default=None, help="write each variant to DIR/NAME")
     parser.add_argument("--loss-data", default="embedded:train")
     parser.add_argument("--loss-clips", type=int, default=8)
     args = parser.parse_args(argv)
@@ -134,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     if "dense" not in variants:
         raise SystemExit("--variant: one variant must be `dense=dense` (the reference)")
 
+    if args.save:
+        for name, model in variants.items():
+            family.save(model, processor, Path(args.save) / name)
+        print(f"variants saved under {args.save}")
+    if not args.rounds:
+        return 0
     if args.loss_clips:
         train, _ = load_corpus(resolve_corpus(args.loss_data))
         items = [
