@@ -124,6 +124,7 @@ def test_significance_compares_two_evaluations(tmp_path):
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if line.startswith("| s |"))
     assert "| 0.00% | 0.00% |" in row and row.endswith("| no |")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a log
     result = runner.invoke(app, ["significance", str(a), str(tmp_path / "run")])
     row = next(line for line in result.output.splitlines() if line.startswith("| s |"))
     assert "| 0.00% | 12.19% | 0 | 39 | 0.000 | B worse |" in row

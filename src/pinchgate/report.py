@@ -40,7 +40,7 @@ def eval_files(path: Path) -> dict[str, Path]:
     """The per-utterance files of an evaluation: `evaluate --output-dir`'s directory, or a
     run directory (its `eval/`), by set name."""
     path = Path(path)
-    if not any(path.glob("*.jsonl")) and (path / "eval").is_dir():
+    if (path / "eval").is_dir():  # a run directory (its own *.jsonl are logs)
         path = path / "eval"
     return {f.stem: f for f in sorted(path.glob("*.jsonl"))}
 
