@@ -84,6 +84,31 @@ step decode-bench "" python benchmarks/whisper_decode.py --model dense="$c/seed0
     --model gates-2.86x="$c/seed0/gates-2.86x" --model layers-half="$s19/layers-half/model-shrunk" \
     --utterances 40 \
     --work "$runs/decode-bench" --json "$runs/decode-bench.json" --plot "$runs/decode-bench.png"
+s19b="$runs/s19b"
+step structure-speed "" python benchmarks/whisper_structure_speed.py --rounds 2
+step s19b-lf60 "$s19b/lf60/report.json" pinchgate compress \
+    --method structured:units=layers+ffn --target-sparsity 0.6 --frozen-fraction 0.6 \
+    --max-steps 300 --dense-reference "$c/seed0/dense" --no-train-dense-reference \
+    --no-zero-shot --output-dir "$s19b/lf60"
+step window-bench "" python benchmarks/whisper_decode.py --model stock-30s=whisper-tiny.en \
+    --model stock-10s=whisper-tiny.en@10 --runtime torch onnx ct2-int8 --utterances 40 \
+    --work "$s19b/win" --json "$s19b/win.json" --plot "$s19b/win.png"
+step window-significance "" pinchgate significance "$runs/zero-shot-30s" \
+    "$runs/embedded-compress/zero-shot"
+# The hand-cut single-layer decoder, fine-tuned as the dense reference was (its config
+# without the compression options, which finetune refuses).
+python - "$c/seed0/dense/config.yaml" "$s19b/dense-ft-config.yaml" <<'PY'
+import sys, yaml
+from pinchgate.config import FinetuneConfig
+saved = yaml.safe_load(open(sys.argv[1]))
+keep = {k: v for k, v in saved.items() if k in FinetuneConfig.__dataclass_fields__}
+yaml.safe_dump(keep, open(sys.argv[2], "w"))
+PY
+step cut-variants "$s19b/cut/dec1/config.json" python benchmarks/whisper_structure_speed.py \
+    --rounds 0 --save "$s19b/cut" --variant dense=dense --variant dec1=dec=3 --variant dec2=dec=0,3
+step ft-dec1 "$s19b/ft-dec1/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec1" --output-dir "$s19b/ft-dec1"
+step ft-dec1-significance "" pinchgate significance "$c/seed0/dense" "$s19b/ft-dec1"
 echo "== all done ($(date -u +%H:%M:%S)); tables: python benchmarks/compare.py --out $c" \
     "--report-only --methods gates ump global-magnitude gmp parp str structured gates-long;" \
     "python benchmarks/ablation.py --table-only --dense-reference $c/seed0/dense"
