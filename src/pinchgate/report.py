@@ -15,8 +15,14 @@ def compare_with_reference(run_eval: Path, reference_eval: Path) -> dict | None:
     """MAPSSWE between the dense reference (A) and the compressed model (B) on one set."""
     if not (run_eval.is_file() and reference_eval.is_file()):
         return None
-    ours = {row["id"]: row for row in read_hypotheses(run_eval)}
-    theirs = {row["id"]: row for row in read_hypotheses(reference_eval)}
+    return _compare_rows(_rows_by_id(run_eval), _rows_by_id(reference_eval))
+
+
+def _rows_by_id(path: Path) -> dict[str, dict]:
+    return {row["id"]: row for row in read_hypotheses(path)}
+
+
+def _compare_rows(ours: dict[str, dict], theirs: dict[str, dict]) -> dict | None:
     shared = [utt for utt in ours if utt in theirs]
     if not shared:
         return None
@@ -48,30 +54,25 @@ def eval_files(path: Path) -> dict[str, Path]:
 def compare_evaluations(a: Path, b: Path) -> list[dict]:
     """Per set both directories scored: WER of A and of B on their shared utterances and
     MAPSSWE between them (A the "dense" side of `compare_with_reference`)."""
-    ours, theirs = eval_files(b), eval_files(a)
+    files_a, files_b = eval_files(a), eval_files(b)
     rows = []
-    for name in [n for n in theirs if n in ours]:
-        test = compare_with_reference(ours[name], theirs[name])
+    for name in [n for n in files_a if n in files_b]:
+        theirs, ours = _rows_by_id(files_a[name]), _rows_by_id(files_b[name])
+        test = _compare_rows(ours, theirs)
         if test is None:
             continue
-        words = {row["id"]: row["words"] for row in read_hypotheses(ours[name])}
-        shared = {row["id"] for row in read_hypotheses(theirs[name])} & set(words)
-        total = sum(words[u] for u in shared)
+        shared = [u for u in ours if u in theirs]
+        words = sum(ours[u]["words"] for u in shared)
         rows.append(
             {
                 "set": name,
                 **test,
-                "words": total,
-                "wer_a": _shared_wer(theirs[name], shared),
-                "wer_b": _shared_wer(ours[name], shared),
+                "words": words,
+                "wer_a": sum(theirs[u]["errors"] for u in shared) / max(1, words),
+                "wer_b": sum(ours[u]["errors"] for u in shared) / max(1, words),
             }
         )
     return rows
-
-
-def _shared_wer(path: Path, shared: set[str]) -> float:
-    rows = [row for row in read_hypotheses(path) if row["id"] in shared]
-    return sum(row["errors"] for row in rows) / max(1, sum(row["words"] for row in rows))
 
 
 def write_report(
