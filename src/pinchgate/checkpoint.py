@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,3 +212,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     trainer_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
     counters = json.loads((path / COUNTERS_FILE).read_text())
     return model_state, trainer_state, counters
+
+
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """One rename, so a half-written directory never looks finished."""
+    old = None
+    if out_dir.exists():
+        if any(out_dir.iterdir()):
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            out_dir.rename(old)
+        else:
+            out_dir.rmdir()
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from pinchgate.checkpoint import move_into_place
 from pinchgate.errors import PinchgateError
 from pinchgate.families import family_for_config
 from pinchgate.modeldir import (
@@ -202,7 +203,7 @@ def pack(
     save_file(stored, str(packed_file), metadata=metadata)
     for side in side_files(model_dir):
         shutil.copy2(side, tmp / side.name)
-    _move_into_place(tmp, out_dir)
+    move_into_place(tmp, out_dir)
     packed_file = out_dir / PACKED_FILE
     return PackReport(
         source=", ".join(str(f) for f in files),
@@ -307,13 +308,6 @@ def _fresh_tmp(out_dir: Path) -> Path:
     except OSError as exc:
         raise PinchgateError(f"{out_dir}: cannot create it ({exc.strerror or exc})") from None
     return tmp
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Renamed in one step, so a half-written directory never looks finished."""
-    if out_dir.exists():
-        out_dir.rmdir()  # checked empty by _fresh_tmp
-    tmp.rename(out_dir)
 
 
 # --- unpack / load ----------------------------------------------------------------------------
@@ -463,5 +457,5 @@ def unpack(packed_dir: str | Path, out_dir: str | Path) -> Path:
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     for side in side_files(packed_dir):
         shutil.copy2(side, tmp / side.name)
-    _move_into_place(tmp, out_dir)
+    move_into_place(tmp, out_dir)
     return out_dir

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pinchgate.checkpoint import move_into_place
 from pinchgate.errors import ModelLoadError
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "Ct2Model",
     "convert_ct2_whisper",
     "find_packaged_ct2_dir",
-    "move_into_place",
     "read_ct2_model",
     "write_ct2_model",
 ]
@@ -827,20 +827,6 @@ def _fresh_tmp(out_dir: Path, overwrite: bool) -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     return tmp
-
-
-def move_into_place(tmp: Path, out_dir: Path) -> None:
-    """One rename, so a half-written directory never looks finished."""
-    old = None
-    if out_dir.exists():
-        if any(out_dir.iterdir()):
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            out_dir.rename(old)
-        else:
-            out_dir.rmdir()
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_ct2_whisper(

@@ -27,9 +27,9 @@ from types import SimpleNamespace
 import numpy as np
 from torch import nn
 
+from pinchgate.checkpoint import move_into_place
 from pinchgate.errors import PinchgateError
 from pinchgate.families.base import RuntimeModel
-from pinchgate.families.ct2 import move_into_place
 
 COMPUTE_TYPES = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16")
 # Files a CTranslate2 Whisper directory carries beside model.bin for faster-whisper.

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pinchgate.checkpoint import move_into_place
 from pinchgate.errors import PinchgateError
 from pinchgate.families.base import RuntimeModel
-from pinchgate.families.ct2 import move_into_place
 from pinchgate.families.onnxrt import onnx_session, quiet_export, require_exporter
 
 DECODING_FILE = "pinchgate_onnx.json"
