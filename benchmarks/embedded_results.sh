@@ -112,6 +112,10 @@ step ft-dec1-significance "" pinchgate significance "$c/seed0/dense" "$s19b/ft-d
 step ft-dec2 "$s19b/ft-dec2/results.json" pinchgate finetune \
     --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec2" --output-dir "$s19b/ft-dec2"
 step ft-dec2-significance "" pinchgate significance "$c/seed0/dense" "$s19b/ft-dec2"
+step ft-dec2-450 "$s19b/ft-dec2-450/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec2" --max-steps 450 \
+    --output-dir "$s19b/ft-dec2-450"
+step ft-dec2-450-significance "" pinchgate significance "$s19b/ft-dec2" "$s19b/ft-dec2-450"
 echo "== all done ($(date -u +%H:%M:%S)); tables: python benchmarks/compare.py --out $c" \
     "--report-only --methods gates ump global-magnitude gmp parp str structured gates-long;" \
     "python benchmarks/ablation.py --table-only --dense-reference $c/seed0/dense"
