@@ -620,7 +620,12 @@ def unpack(
 @app.command()
 @user_errors
 def export(
-    model_dir: Annotated[Path, typer.Argument(help="HF model, run, packed or shrunk directory.")],
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="HF model, run, packed or shrunk directory (or a built-in name: whisper-tiny.en)."
+        ),
+    ],
     output: Annotated[
         Path,
         typer.Argument(
@@ -644,7 +649,8 @@ def export(
         int | None,
         Opt(
             help="ct2, Whisper: encoder window of the export in seconds (30 for faster-whisper, "
-            "which pads every segment to 30 s); default: the model's own."
+            "which pads every segment to 30 s; shorter than the model's own is faster on short "
+            "clips, and a longer clip loses its end); default: the model's own."
         ),
     ] = None,
     check: Annotated[
@@ -671,7 +677,9 @@ def export(
         export_onnx,
         onnx_random_difference,
     )
+    from pinchgate.families import resolve_model
 
+    model_dir = Path(resolve_model(str(model_dir)))  # a built-in name, or the directory
     if output_format not in ("onnx", "ct2"):
         raise PinchgateError(f"--format {output_format!r}: choose onnx or ct2")
     if quantization is not None and output_format != "ct2":
