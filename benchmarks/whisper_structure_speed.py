@@ -63,24 +63,15 @@ def parse_variant(spec: str) -> dict:
 
 def cut_model(model, cut: dict):
     """A copy of `model` with the decoder layers of `cut["dec"]` kept and FFN widths cut."""
-    import torch
-    from torch import nn
-
-    from pinchgate.families.surgery import sliced_linear
+    from pinchgate.families.whisper import keep_decoder_layers, shrink_ffn
 
     model = copy.deepcopy(model)
     if "dec" in cut:
-        decoder = model.model.decoder
-        decoder.layers = nn.ModuleList([decoder.layers[i] for i in cut["dec"]])
-        for index, layer in enumerate(decoder.layers):
-            layer.self_attn.layer_idx = layer.encoder_attn.layer_idx = index
-        model.config.decoder_layers = len(cut["dec"])
+        keep_decoder_layers(model, cut["dec"])
     for side, key in (("encoder", "encffn"), ("decoder", "decffn")):
         if key in cut:
-            keep = torch.arange(cut[key])
             for layer in getattr(model.model, side).layers:
-                layer.fc1 = sliced_linear(layer.fc1, rows=keep)
-                layer.fc2 = sliced_linear(layer.fc2, cols=keep)
+                shrink_ffn(layer, list(range(cut[key])))
             setattr(model.config, f"{side}_ffn_dim", cut[key])
     return model.eval()
 

@@ -499,7 +499,8 @@ def _shrink_attention(layer: nn.Module, kind: str, heads: list[int]) -> None:
     attention.num_heads = len(heads)
 
 
-def _shrink_ffn(layer: nn.Module, neurons: list[int]) -> None:
+def shrink_ffn(layer: nn.Module, neurons: list[int]) -> None:
+    """Keep the feed-forward neurons `neurons` of an encoder or decoder layer."""
     idx = torch.tensor(neurons, dtype=torch.long, device=layer.fc1.weight.device)
     layer.fc1 = sliced_linear(layer.fc1, rows=idx)
     layer.fc2 = sliced_linear(layer.fc2, cols=idx)
@@ -519,14 +520,19 @@ def _drop_decoder_layers(model: nn.Module) -> list[int]:
     """Remove the decoder layers that are the identity; returns the indices kept."""
     decoder = model.model.decoder
     kept = [i for i, layer in enumerate(decoder.layers) if not _is_identity(layer)]
-    if len(kept) == len(decoder.layers):
-        return kept
+    if len(kept) < len(decoder.layers):
+        keep_decoder_layers(model, kept)
+    return kept
+
+
+def keep_decoder_layers(model: nn.Module, kept: list[int]) -> None:
+    """Keep only the decoder layers `kept` (in order), renumbering their cache indices."""
+    decoder = model.model.decoder
     decoder.layers = nn.ModuleList([decoder.layers[i] for i in kept])
     for index, layer in enumerate(decoder.layers):  # the cache is indexed by layer
         for kind in ("self_attn", "encoder_attn"):
             getattr(layer, kind).layer_idx = index
     model.config.decoder_layers = len(kept)
-    return kept
 
 
 def shrink(model: nn.Module) -> nn.Module:
@@ -563,7 +569,7 @@ def shrink(model: nn.Module) -> nn.Module:
             whole = whole and len(heads) == full
             entry[kind] = heads
         neurons = torch.nonzero(layer.fc2.weight.detach().ne(0).any(0)).reshape(-1).tolist()
-        _shrink_ffn(layer, neurons)
+        shrink_ffn(layer, neurons)
         widths["decoder" if is_decoder else "encoder"].add(len(neurons))
         entry["ffn"] = len(neurons)
         layers.append(entry)
@@ -611,7 +617,7 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
             neurons = int(entry["ffn"])
             if not 0 <= neurons <= layer.fc1.out_features:
                 raise ValueError(f"{neurons} neurons of {layer.fc1.out_features}")
-            _shrink_ffn(layer, list(range(neurons)))
+            shrink_ffn(layer, list(range(neurons)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{STRUCTURE_KEY}: layer {i}: {exc}") from None
     setattr(model.config, STRUCTURE_KEY, structure)
