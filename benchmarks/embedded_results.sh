@@ -116,6 +116,42 @@ step ft-dec2-450 "$s19b/ft-dec2-450/results.json" pinchgate finetune \
     --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec2" --max-steps 450 \
     --output-dir "$s19b/ft-dec2-450"
 step ft-dec2-450-significance "" pinchgate significance "$s19b/ft-dec2" "$s19b/ft-dec2-450"
+# Distillation into the two-layer decoder, and the FLOP-counting controller (2026-12-02).
+s19c="$runs/s19c"
+step cut-dense-ft "$s19c/cut/dec2/config.json" python benchmarks/whisper_structure_speed.py \
+    --model "$c/seed0/dense/model" --rounds 0 --save "$s19c/cut" --variant dense=dense \
+    --variant dec2=dec=0,3
+step kd-dec2 "$s19c/kd-dec2/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec2" \
+    --distill-from "$c/seed0/dense" --no-zero-shot --output-dir "$s19c/kd-dec2"
+step kd-dec2-significance "" pinchgate significance "$s19b/ft-dec2" "$s19c/kd-dec2"
+step kd-dec2-fe "$s19c/kd-dec2-fe/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19c/cut/dec2" --freeze-encoder \
+    --learning-rate 1e-4 --distill-from "$c/seed0/dense" --no-zero-shot \
+    --output-dir "$s19c/kd-dec2-fe"
+step ffn-flops50 "$s19c/ffn-flops50/report.json" pinchgate compress \
+    --method structured:units=ffn,cost=flops --target-sparsity 0.5 \
+    --dense-reference "$c/seed0/dense" --no-train-dense-reference --no-zero-shot \
+    --output-dir "$s19c/ffn-flops50"
+# 4 h more synthetic speech (the seed-0 corpus's pretrain split: sentences disjoint from
+# every embedded split; needs scripts/install-tts.sh), and the two-layer decoder on it.
+step synth4k "$runs/synth4k/corpus.json" pinchgate data synth "$runs/synth4k" \
+    --size test-unseen=200 --size test=200 --size dev=200 --size train=800 \
+    --size pretrain=4000 --only pretrain
+step kd-dec2-4h "$s19c/kd-dec2-4h/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec2" \
+    --train "$runs/synth4k/pretrain" --max-steps 450 --warmup-steps 45 \
+    --distill-from "$c/seed0/dense" --no-zero-shot --output-dir "$s19c/kd-dec2-4h"
+step kd-dec2-4h-significance "" pinchgate significance "$c/seed0/dense" "$s19c/kd-dec2-4h"
+step kd-dec2-4h-fe "$s19c/kd-dec2-4h-fe/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec2" \
+    --train "$runs/synth4k/pretrain" --max-steps 450 --warmup-steps 45 --freeze-encoder \
+    --distill-from "$c/seed0/dense" --no-zero-shot --output-dir "$s19c/kd-dec2-4h-fe"
+step kd-dec2-4h-fe-significance "" pinchgate significance "$c/seed0/dense" "$s19c/kd-dec2-4h-fe"
+step decode-s19c "" python benchmarks/whisper_decode.py --model dense="$c/seed0/dense" \
+    --model kd-dec2-4h="$s19c/kd-dec2-4h" --model ffn-flops50="$s19c/ffn-flops50/model-shrunk" \
+    --runtime torch ct2-int8 --utterances 40 --rounds 2 --work "$s19c/decode" \
+    --json "$s19c/decode.json" --plot "$s19c/decode.png"
 echo "== all done ($(date -u +%H:%M:%S)); tables: python benchmarks/compare.py --out $c" \
     "--report-only --methods gates ump global-magnitude gmp parp str structured gates-long;" \
     "python benchmarks/ablation.py --table-only --dense-reference $c/seed0/dense"

@@ -458,6 +458,7 @@ def _cli_compress(toy_corpus: Path, out: Path, *args: str):
     [
         (["--granularity", "neurons"], "--granularity 'neurons': must be weight or structured"),
         (["--granularity", "structured", "--target-ratio", "2.5"], "highest reachable ratio"),
+        (["--method", "structured:cost=flops", "--target-sparsity", "0.5"], "no cost known"),
         (["--granularity", "structured", "--method", "ump"], "only with --method gates"),
         (["--granularity", "structured", "--include-pos-conv"], "weight-level option"),
     ],

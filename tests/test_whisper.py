@@ -26,6 +26,7 @@ from pinchgate.families.whisper import (
     RUNAWAY_TOKENS,
     WhisperFamily,
     cut_window,
+    keep_decoder_layers,
     normalize_english,
     runaway_start,
     styled,
@@ -445,3 +446,139 @@ def test_the_exact_fit_keeps_the_strongest_decoder_layer(tiny_whisper_dir):
     assert kept.index(True) == max(range(len(ratios)), key=ratios.__getitem__)
     gates.fit_thresholds(0.0)
     assert all(bool(u.hard_groups().all()) for u in gates.units)
+
+
+# --- distillation -----------------------------------------------------------------------------
+
+
+def _teacher_kl(student, teacher, batch) -> float:
+    """KL(teacher || student) over the label positions, temperature 1."""
+    with torch.no_grad():
+        loss = WhisperFamily().distillation_loss(student, teacher, batch, 1.0, temperature=1.0)
+    return float(loss)
+
+
+def test_distillation_is_cross_entropy_plus_a_kl_that_vanishes_at_the_teacher(
+    tiny_whisper_dir, toy_corpus, tmp_path
+):
+    family = family_for(tiny_whisper_dir)
+    cfg = config(FinetuneConfig, tiny_whisper_dir, toy_corpus, tmp_path)
+    processor, _ = family.prepare_processor(cfg, tmp_path, [])
+    model = family.training_model(cfg, processor, False).eval()
+    teacher = family.teacher_model(str(tiny_whisper_dir), processor, model)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    items = [
+        {"index": 0, "audio": torch.randn(16000).numpy() * 0.1,
+         "labels": family.labels(processor, Utterance("a", Path("a.flac"), "AD ON TEST"))},
+    ]  # fmt: skip
+    batch = family.collate(processor, items)
+    batch.pop("index")
+    with torch.no_grad():
+        ce = float(family.loss(model, batch))
+        mixed = float(family.distillation_loss(model, teacher, batch, 0.3, 2.0))
+    assert mixed == pytest.approx(0.7 * ce, rel=1e-5)  # the same model: KL is 0
+    keep_decoder_layers(model, [0])  # a student unlike its teacher
+    assert _teacher_kl(model, teacher, batch) > 1e-3
+
+
+def test_distilling_a_cut_decoder_moves_it_towards_its_teacher(
+    tiny_whisper_dir, toy_corpus, tmp_path
+):
+    family = family_for(tiny_whisper_dir)
+    student = family.load(tiny_whisper_dir)
+    keep_decoder_layers(student, [1])
+    student_dir = family.save(student, family.load_processor(tiny_whisper_dir), tmp_path / "cut")
+    cfg = config(
+        FinetuneConfig, student_dir, toy_corpus, tmp_path / "run", max_steps=20,
+        learning_rate=3e-3, warmup_steps=2, save_every=20, distill_from=str(tiny_whisper_dir),
+        distill_weight=1.0, distill_temperature=1.0,
+    )  # fmt: skip
+    results = run_finetune(cfg)
+    processor = results["processor"]
+    teacher = family.teacher_model(str(tiny_whisper_dir), processor, student)
+    items = [
+        {"index": i, "audio": torch.randn(12000).numpy() * 0.1,
+         "labels": family.labels(processor, Utterance(str(i), Path("a.flac"), text))}
+        for i, text in enumerate(["AD ON", "TEST AD"])
+    ]  # fmt: skip
+    batch = family.collate(processor, items)
+    batch.pop("index")
+    before = family.load(student_dir)
+    cut_window(before, int(processor.window_seconds))
+    after = family.load(tmp_path / "run" / "model")
+    assert _teacher_kl(after, teacher, batch) < 0.5 * _teacher_kl(before, teacher, batch)
+    assert "distill_from" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_distillation_is_refused_for_ctc_models(toy_corpus, tmp_path):
+    out = tmp_path / "toy"
+    result = runner.invoke(
+        app,
+        ["finetune", "--model", "toy", "--distill-from", "whisper-tiny.en",
+         "--train", str(toy_corpus / "train"), "--output-dir", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--distill-from: an option of Whisper" in result.output
+    assert not out.exists()
+
+
+# --- structured gates counting multiply-adds (structured:cost=flops) ---------------------------
+
+
+def test_group_costs_follow_the_shapes_and_a_layer_costs_its_parts(tiny_whisper_dir):
+    from pinchgate.families.whisper import group_costs, structured_units
+
+    model = family_for(tiny_whisper_dir).load(tiny_whisper_dir)
+    c, cost = model.config, group_costs(model)
+    d, head, frames = c.d_model, c.d_model // c.encoder_attention_heads, c.max_source_positions
+    assert cost["encoder.ffn"] == 50 * 2 * d
+    assert cost["encoder.heads"] == 50 * (4 * d * head + 2 * frames * head)
+    cross = 4 * (2 * d * head + 2 * frames * head) + 50 * 2 * d * head
+    assert cost["decoder.encoder_attn"] == cross
+    units = {u.name: u for u in structured_units(model)}
+    name = "model.decoder.layers.0"
+    parts = [(units[f"{name}.{k}"].n_groups, units[f"{name}.{k}"].cost) for k in
+             ("self_attn", "encoder_attn", "ffn")]  # fmt: skip
+    assert units[f"{name}.layer"].cost == sum(n * each for n, each in parts)
+    # An encoder neuron runs on 50 frames a second, a decoder neuron on 4 tokens.
+    assert units["model.encoder.layers.0.ffn"].cost == 12.5 * units[f"{name}.ffn"].cost
+
+
+def test_the_cost_fit_lands_the_multiply_adds_not_the_parameters(tiny_whisper_dir):
+    from pinchgate.families.whisper import structured_units
+    from pinchgate.structured_gates import attach_structured_gates
+
+    model = family_for(tiny_whisper_dir).load(tiny_whisper_dir)
+    units = [u for u in structured_units(model) if u.kind != "layers"]
+    gates = attach_structured_gates(model, units=units, cost=True)
+    assert gates.counts_cost
+    assert gates.weight == pytest.approx(sum(u.n_groups * u.cost for u in units))
+    largest = max(u.group_weight for u in gates.units) / gates.weight
+    for target in (0.3, 0.6):
+        gates.fit_thresholds(target)
+        assert abs(gates.hard_kept_fraction() - (1 - target)) <= largest, target
+        assert float(gates.kept_fractions().hard) == pytest.approx(gates.hard_kept_fraction())
+        kept, _ = gates.hard_counts()  # parameters: reported, not what was fitted
+        assert kept == sum(int(u.hard_groups().sum()) * u.group_params for u in gates.units)
+
+
+def test_compress_with_cost_flops_reports_multiply_adds_and_refuses_a_ratio(
+    tiny_whisper_dir, toy_corpus, tmp_path
+):
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path / "run")
+    cfg.method, cfg.train_dense_reference = "structured:cost=flops", False
+    cfg.target_ratio, cfg.target_sparsity = None, 0.4
+    results = run_compress(cfg)
+    c = results["compression"]
+    assert c["cost"] == "flops" and c["target_sparsity"] == 0.4
+    gates_weight = c["cost_total"]
+    assert abs(c["cost_sparsity"] - 0.4) < 0.1 and c["cost_sparsity"] != c["gated_sparsity"]
+    assert gates_weight > 0
+    assert "multiply-adds removed (target)" in (tmp_path / "run" / "report.md").read_text()
+    assert results["compression"]["shrunk"]["logit_check"]["max_abs_diff"] < 1e-4
+    cfg = config(CompressConfig, tiny_whisper_dir, toy_corpus, tmp_path / "ratio")
+    cfg.method, cfg.train_dense_reference, cfg.target_ratio = "structured:cost=flops", False, 1.5
+    with pytest.raises(PinchgateError, match="give --target-sparsity"):
+        run_compress(cfg)
+    cfg.method = "structured:cost=seconds"
+    with pytest.raises(PinchgateError, match="cost='seconds'; choose from params, flops"):
+        run_compress(cfg)

@@ -87,6 +87,19 @@ FreezeDecoderOption = Annotated[
     bool | None,
     Opt(help="Whisper: keep the decoder's weights (and the tied embedding) as they are."),
 ]
+DistillFromOption = Annotated[
+    str | None,
+    Opt(
+        help="Whisper: distil from this teacher (model dir, run dir or built-in name): the "
+        "loss mixes cross-entropy with KL to the teacher's token distributions."
+    ),
+]
+DistillWeightOption = Annotated[
+    float | None, Opt(help="Share of the distillation term in the loss (default 0.5).")
+]
+DistillTemperatureOption = Annotated[
+    float | None, Opt(help="Softening temperature of the distillation term (default 2).")
+]
 
 
 @app.command()
@@ -127,6 +140,9 @@ def finetune(
     text_style: TextStyleOption = None,
     freeze_encoder: FreezeEncoderOption = None,
     freeze_decoder: FreezeDecoderOption = None,
+    distill_from: DistillFromOption = None,
+    distill_weight: DistillWeightOption = None,
+    distill_temperature: DistillTemperatureOption = None,
     zero_shot: ZeroShotOption = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,
@@ -190,7 +206,9 @@ def compress(
         Opt(
             help="gates (default), structured (whole FFN neurons and attention heads, or "
             "structured:units=ffn|heads|layers joined by +, layers = Whisper decoder layers, "
-            "uniform=1 for one FFN width per stack; also writes the physically smaller "
+            "uniform=1 for one FFN width per stack, cost=flops to count multiply-adds per "
+            "second of audio instead of parameters (with --target-sparsity); also writes the "
+            "physically smaller "
             "model-shrunk/) or a baseline: dense, ump, global-magnitude, gmp, parp, str; "
             "options as NAME:key=value,... (docs/baselines.md, docs/structured.md)."
         ),
@@ -246,6 +264,9 @@ def compress(
     text_style: TextStyleOption = None,
     freeze_encoder: FreezeEncoderOption = None,
     freeze_decoder: FreezeDecoderOption = None,
+    distill_from: DistillFromOption = None,
+    distill_weight: DistillWeightOption = None,
+    distill_temperature: DistillTemperatureOption = None,
     zero_shot: ZeroShotOption = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
     save_every: Annotated[int | None, Opt(help="Steps between checkpoints.")] = None,

@@ -57,6 +57,9 @@ class FinetuneConfig:
     text_style: str = "written"  # training targets: written | sentence | lower | as-is
     freeze_encoder: bool = False  # keep the encoder's weights (gates still prune them)
     freeze_decoder: bool = False  # keep the decoder's weights and the tied embedding
+    distill_from: str | None = None  # a teacher (model dir, run dir or built-in name)
+    distill_weight: float = 0.5  # loss = (1 - w) cross-entropy + w T^2 KL(teacher || model)
+    distill_temperature: float = 2.0  # T: both distributions softened by it
 
     # Fields that may change when a run is resumed; everything else must match.
     RESUMABLE_CHANGES = ("log_every", "save_every", "keep_checkpoints", "num_workers", "eval_every")
@@ -164,6 +167,8 @@ class FinetuneConfig:
             (self.save_every > 0, "save_every", "must be > 0"),
             (self.log_every > 0, "log_every", "must be > 0"),
             (self.max_duration > self.min_duration, "max_duration", "must exceed min_duration"),
+            (0 <= self.distill_weight <= 1, "distill_weight", "must be in [0, 1]"),
+            (self.distill_temperature > 0, "distill_temperature", "must be > 0"),
             (
                 self.mixed_precision in ("auto", "no", "fp16", "bf16"),
                 "mixed_precision",

@@ -152,6 +152,12 @@ def render_markdown(report: dict) -> str:
         f"| gated sparsity (target) | {c['gated_sparsity']:.4f} ({c['target_sparsity']:.4f}) |",
         f"| gated parameters | {c['gated_params']:,} |",
     ]
+    if c.get("cost") == "flops":  # the target was a share of multiply-adds, not parameters
+        lines[-2] = (
+            f"| gated multiply-adds removed (target) | {c['cost_sparsity']:.4f} "
+            f"({c['target_sparsity']:.4f}) of {c['cost_total'] / 1e9:.3f} G per second of audio |"
+        )
+        lines.append(f"| gated parameters removed | {c['gated_sparsity']:.4f} |")
     if c.get("sparsity_before_fit") is not None:
         lines.append(
             f"| gated sparsity training reached alone, before the exact fit (threshold factor) "

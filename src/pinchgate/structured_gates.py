@@ -23,9 +23,12 @@ tau = tau_rel * that unit's mean square. One threshold per unit (the FFN neurons
 or its heads) by default; ``tying`` "block" or "global" as for weights.
 
 Counting is in PARAMETERS, so the whole-model compression ratio means what it means for the
-weight-level gates. ``StructuredGates`` offers the ``GatedModel`` interface the compression
-loop uses (kept fractions for ``SparsityController``, an exact final threshold fit, frozen
-masks, harden). The family's ``shrink`` then removes the pruned groups for real.
+weight-level gates; or, with ``cost=True`` (``structured:cost=flops``), in each group's COST
+(multiply-adds per second of audio, from the family): the controller, the exact fit and the
+kept fractions then count cost, and the parameter counts are only reported.
+``StructuredGates`` offers the ``GatedModel`` interface the compression loop uses (kept
+fractions for ``SparsityController``, an exact final threshold fit, frozen masks, harden).
+The family's ``shrink`` then removes the pruned groups for real.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class GroupUnit(nn.Module):
         owns_bank: bool = False,
         dead: list[Member] | None = None,
         group_params: int | None = None,
+        group_cost: float | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -116,6 +120,9 @@ class GroupUnit(nn.Module):
         # Parameters that go with each group (counted by the controller and the reports):
         # the members' share, or more where ungated tensors die with the group.
         self.group_params = group_params or self.group_size
+        # What the controller and the exact fit count per group: parameters, or a cost.
+        self.counts_cost = group_cost is not None
+        self.group_weight = float(group_cost if group_cost is not None else self.group_params)
         object.__setattr__(self, "_dead", list(dead or []))
         # Restores the modules' parameter order (and so state_dict order) on removal.
         self._param_orders = [list(m.module._parameters) for m in members]
@@ -136,6 +143,11 @@ class GroupUnit(nn.Module):
     def numel(self) -> int:
         """Parameters in this unit's groups."""
         return self.n_groups * self.group_params
+
+    @property
+    def weight(self) -> float:
+        """What this unit's groups count for the controller (parameters, or cost)."""
+        return self.n_groups * self.group_weight
 
     @property
     def frozen(self) -> bool:
@@ -215,10 +227,14 @@ class GroupMask(nn.Module):
 
 
 def attach_structured_gates(
-    model: nn.Module, cfg: StructuredGateConfig | None = None, units: list[UnitSpec] | None = None
+    model: nn.Module,
+    cfg: StructuredGateConfig | None = None,
+    units: list[UnitSpec] | None = None,
+    cost: bool = False,
 ) -> StructuredGates:
     """Gate every group of ``units`` (default: the model family's structured units, e.g. every
-    FFN neuron and attention head of the transformer blocks)."""
+    FFN neuron and attention head of the transformer blocks); with ``cost``, count each
+    group's cost (``UnitSpec.cost``) instead of its parameters."""
     cfg = cfg or StructuredGateConfig()
     if any(has_gate(m) for m in model.modules()) or _units_of(model):
         raise ValueError(f"gates are already attached to this {type(model).__name__}")
@@ -236,6 +252,8 @@ def attach_structured_gates(
         for member in unit.members:
             if parametrize.is_parametrized(member.module, member.name):
                 raise ValueError(f"{unit.name}: {member.name} is already parametrized")
+        if cost and unit.cost is None:
+            raise ValueError(f"{unit.name}: no cost known for its groups (cost=flops)")
         if unit.n_groups > 0:
             specs.append((unit.name, unit.kind, unit.members, unit.n_groups, unit))
     if not specs:
@@ -271,6 +289,7 @@ def attach_structured_gates(
             owns_bank=i == 0,
             dead=spec.dead,
             group_params=spec.group_params,
+            group_cost=spec.cost if cost else None,
         )
         for j, member in enumerate(members):
             mask = GroupMask(unit, j, owns_unit=j == 0)
@@ -316,6 +335,20 @@ class StructuredGates(GateControls):
         return sum(u.numel for u in self.units)
 
     @property
+    def weight(self) -> float:
+        """What the controller counts in all: grouped parameters, or their cost."""
+        return sum(u.weight for u in self.units)
+
+    @property
+    def counts_cost(self) -> bool:
+        return any(u.counts_cost for u in self.units)
+
+    def hard_kept_fraction(self) -> float:
+        """The share of `weight` (parameters, or cost) the hard masks keep."""
+        kept = sum(float(u.hard_groups().sum()) * u.group_weight for u in self.units)
+        return kept / self.weight
+
+    @property
     def layers(self) -> list[GroupUnit]:
         return self.units
 
@@ -330,13 +363,13 @@ class StructuredGates(GateControls):
 
     # --- kept fractions -----------------------------------------------------------------------
     def kept_fractions(self) -> KeptFractions:
-        """Soft (differentiable) and hard kept fractions of the grouped parameters."""
+        """Soft (differentiable) and hard kept fractions of the grouped parameters (or cost)."""
         softs, hards = [], []
         for unit in self.units:
             soft, hard = unit.masks()
-            softs.append(soft.sum() * unit.group_params)
-            hards.append(hard.sum().to(torch.float32) * unit.group_params)
-        total = float(self.numel)
+            softs.append(soft.sum() * unit.group_weight)
+            hards.append(hard.sum().to(torch.float32) * unit.group_weight)
+        total = self.weight
         return KeptFractions(torch.stack(softs).sum() / total, torch.stack(hards).sum() / total)
 
     def hard_counts(self) -> tuple[int, int]:
@@ -368,8 +401,8 @@ class StructuredGates(GateControls):
 
     # --- controls -----------------------------------------------------------------------------
     def fit_thresholds(self, target_sparsity: float) -> float:
-        """Scale all thresholds by one factor so the hard kept PARAMETER count is as close to
-        the target as whole groups allow (keeps the learned per-unit allocation).
+        """Scale all thresholds by one factor so the hard kept PARAMETER count (or cost) is as
+        close to the target as whole groups allow (keeps the learned per-unit allocation).
 
         A group survives factor f while sqrt(ms) / t > f, so sorting those ratios gives every
         reachable count: the exact answer bisection on f would converge to. Returns f.
@@ -381,7 +414,7 @@ class StructuredGates(GateControls):
             raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
         if self.frozen:
             raise ValueError("masks are frozen; fit thresholds before freeze_masks()")
-        target_kept = (1.0 - target_sparsity) * self.numel
+        target_kept = (1.0 - target_sparsity) * self.weight
         with torch.no_grad():
             ratios, sizes, layers = [], [], []
             for unit in self.units:
@@ -390,7 +423,7 @@ class StructuredGates(GateControls):
                 # A zero threshold keeps every non-zero group whatever the factor.
                 ratio = norm / t if t > 0 else torch.where(norm > 0, math.inf, 0.0).double()
                 ratios.append(ratio)
-                sizes.append(torch.full_like(ratio, float(unit.group_params)))
+                sizes.append(torch.full_like(ratio, unit.group_weight))
                 layers.append(torch.full_like(ratio, float(unit.kind == "layers")))
             ratio = torch.cat(ratios)
             order = torch.argsort(ratio, descending=True, stable=True)
@@ -431,7 +464,7 @@ class StructuredGates(GateControls):
         for unit in self.units:
             stacks.setdefault(_stack(unit.name), []).append(unit)
         for name, units in stacks.items():
-            if len({(u.n_groups, u.group_params) for u in units}) != 1:
+            if len({(u.n_groups, u.group_params, u.group_weight) for u in units}) != 1:
                 raise ValueError(f"uniform fit: the units of {name} differ in size")
         if len({u.index for u in self.units}) != len(self.units):
             raise ValueError("uniform fit: needs one threshold per unit (tying matrix)")
@@ -443,7 +476,7 @@ class StructuredGates(GateControls):
         }
         with torch.no_grad():
             self.bank.raw.copy_(saved)
-        target_kept = (1.0 - target_sparsity) * self.numel
+        target_kept = (1.0 - target_sparsity) * self.weight
 
         def counts(scale: float) -> dict[str, int]:
             return {
@@ -452,7 +485,7 @@ class StructuredGates(GateControls):
             }
 
         def kept(k: dict[str, int]) -> int:
-            return sum(k[n] * len(us) * us[0].group_params for n, us in stacks.items())
+            return sum(k[n] * len(us) * us[0].group_weight for n, us in stacks.items())
 
         low, high = 0.0, 1.0
         while kept(counts(high)) < target_kept and high < 1e6:

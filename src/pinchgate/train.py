@@ -36,6 +36,7 @@ from pinchgate.errors import PinchgateError
 from pinchgate.evaluate import EvalResult, evaluate_corpus
 from pinchgate.families import ModelFamily, count_parameters, family_for, resolve_model
 from pinchgate.methods.base import CompressionMethod
+from pinchgate.modeldir import resolve_model_dir
 
 DECODED_CLIPS = "decoded_clips.json"  # in a run directory: what decoding each clip found
 # Files of a run directory derived from its configuration: replaced with it (claim_run_dir).
@@ -105,6 +106,7 @@ def train_locked(
         method.attach(model)  # gates, masks, ...: before the optimiser sees the parameters
     params = count_parameters(model)
     say(f"model: {cfg.model} ({params['total']:,} parameters)")
+    teacher = load_teacher(cfg, family, processor, model, accelerator.device, say)
     unused = method is not None and method.unused_parameters
     if unused or getattr(model.config, "layerdrop", 0.0) > 0:
         ddp.find_unused_parameters = True  # dropped layers leave parameters without grads
@@ -133,7 +135,12 @@ def train_locked(
                 batch = batches.next()
                 last = micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    loss = family.loss(model, batch)
+                    if teacher is None:
+                        loss = family.loss(model, batch)
+                    else:
+                        loss = family.distillation_loss(
+                            model, teacher, batch, cfg.distill_weight, cfg.distill_temperature
+                        )
                     if method is not None:
                         term, logs = method.sparsity_term(bare, step)
                         if term is not None:
@@ -266,6 +273,22 @@ def report_data(data: RunData, run_dir: Path, say, main: bool) -> None:
         (run_dir / "data_report.json").write_text(
             json.dumps([r.to_dict() for r in data.reports], indent=1)
         )
+
+
+def load_teacher(cfg: FinetuneConfig, family, processor, model, device, say):
+    """The frozen teacher of `cfg.distill_from` (a model dir, a run dir or a built-in name),
+    or None without one."""
+    if cfg.distill_from is None:
+        return None
+    source = resolve_model(cfg.distill_from)
+    if Path(source).exists():
+        source = str(resolve_model_dir(source))
+    teacher = family.teacher_model(source, processor, model).to(device)
+    say(
+        f"teacher: {cfg.distill_from} (weight {cfg.distill_weight}, "
+        f"temperature {cfg.distill_temperature})"
+    )
+    return teacher
 
 
 def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, method=None):

@@ -48,7 +48,8 @@ class UnitSpec:
 
     ``dead``: tensors that go with a group without being gated (a pruned decoder layer's
     inputs to its zeroed outputs), zeroed when it is pruned; ``group_params``: parameters
-    removed with each group, members and dead ones (default: the members' share)."""
+    removed with each group, members and dead ones (default: the members' share); ``cost``:
+    multiply-adds per second of audio that each group costs (``structured:cost=flops``)."""
 
     name: str
     kind: str  # "ffn", "heads" or "layers"
@@ -56,6 +57,7 @@ class UnitSpec:
     n_groups: int
     dead: list[Member] = field(default_factory=list)
     group_params: int | None = None
+    cost: float | None = None  # per group: multiply-adds per second of audio, where known
 
 
 class RuntimeModel:
@@ -132,6 +134,14 @@ class ModelFamily(ABC):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The task loss of one batch (the model computes it from ``labels``)."""
         return model(**batch).loss
+
+    def teacher_model(self, source: str, processor, model: nn.Module) -> nn.Module:
+        """The frozen teacher of `--distill-from` (families that support distillation)."""
+        raise PinchgateError(f"--distill-from: not supported for {type(self).__name__} models")
+
+    def distillation_loss(self, model, teacher, batch, weight: float, temperature: float):
+        """The task loss mixed with a term pulling the model's outputs to the teacher's."""
+        raise NotImplementedError
 
     # --- decoding and scoring -----------------------------------------------------------------
     @abstractmethod

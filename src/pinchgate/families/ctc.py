@@ -100,6 +100,7 @@ WHISPER_OPTIONS = {
     "language": None,
     "freeze_encoder": False,
     "freeze_decoder": False,
+    "distill_from": None,
 }
 STRUCTURE_KEY = "pinchgate_structure"  # the config.json entry of a shrunken model
 STRUCTURE_FORMAT = "pinchgate-shrunk"

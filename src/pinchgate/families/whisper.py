@@ -36,6 +36,7 @@ What pinchgate knows about Whisper lives here:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -402,22 +403,54 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     return out
 
 
+# What a second of audio costs, for structured:cost=flops: the encoder runs on 50 frames a
+# second of its window; the decoder on about 4 tokens a second (target tokens per second of
+# audio: 4.48 on embedded:train, 3.14 on embedded:real).
+ENCODER_FRAMES_PER_SECOND = 50
+DECODER_TOKENS_PER_SECOND = 4.0
+
+
+def group_costs(model: nn.Module) -> dict[str, float]:
+    """Multiply-adds per second of audio of one group of each kind: an encoder head (its
+    q/k/v/out rows and its attention over the window's T frames), an encoder neuron, a
+    decoder self-attention head (projections), a cross-attention head (q/out and attention
+    over T frames per token, its keys and values once per frame), a decoder neuron."""
+    d = model.config.d_model
+    head = d // model.config.encoder_attention_heads
+    frames = model.config.max_source_positions  # T: the encoder window in frames
+    f, t = ENCODER_FRAMES_PER_SECOND, DECODER_TOKENS_PER_SECOND
+    return {
+        "encoder.heads": f * (4 * d * head + 2 * frames * head),
+        "encoder.ffn": f * 2 * d,
+        "decoder.self_attn": t * 4 * d * head,
+        "decoder.encoder_attn": t * (2 * d * head + 2 * frames * head) + f * 2 * d * head,
+        "decoder.ffn": t * 2 * d,
+    }
+
+
 def structured_units(model: nn.Module) -> list[UnitSpec]:
+    """Every attention's heads and every FFN's neurons, then every decoder layer whole;
+    each with its cost in multiply-adds per second of audio (`group_costs`)."""
+    costs = group_costs(model)
     units = []
     for name, layer, is_decoder in _layers(model):
         for kind in ("self_attn", "encoder_attn") if is_decoder else ("self_attn",):
             attention = getattr(layer, kind)
+            cost = costs[f"decoder.{kind}"] if is_decoder else costs["encoder.heads"]
+            members = _attention_members(attention)
             units.append(
-                UnitSpec(
-                    f"{name}.{kind}", "heads", _attention_members(attention), attention.num_heads
-                )
+                UnitSpec(f"{name}.{kind}", "heads", members, attention.num_heads, cost=cost)
             )
         members = [Member(layer.fc1, "weight", 0), Member(layer.fc1, "bias", 0)]
         members.append(Member(layer.fc2, "weight", 1))
-        units.append(UnitSpec(f"{name}.ffn", "ffn", members, layer.fc1.out_features))
+        cost = costs["decoder.ffn" if is_decoder else "encoder.ffn"]
+        units.append(UnitSpec(f"{name}.ffn", "ffn", members, layer.fc1.out_features, cost=cost))
     for name, layer, is_decoder in _layers(model):
         if is_decoder:
-            units.append(_layer_unit(name, layer))
+            heads = layer.self_attn.num_heads * costs["decoder.self_attn"]
+            heads += layer.encoder_attn.num_heads * costs["decoder.encoder_attn"]
+            cost = heads + layer.fc1.out_features * costs["decoder.ffn"]
+            units.append(dataclasses.replace(_layer_unit(name, layer), cost=cost))
     return units
 
 
@@ -740,6 +773,31 @@ class WhisperFamily(ModelFamily):
         # One gate computation for the tied embedding's two uses in the forward.
         with parametrize.cached():
             return model(**batch).loss
+
+    def teacher_model(self, source, processor, model):
+        """The frozen teacher of `--distill-from`, at the run's window; its vocabulary must
+        be the model's, token for token."""
+        teacher = load_whisper(source)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise PinchgateError(
+                f"--distill-from {source}: a vocabulary of {teacher.config.vocab_size} tokens, "
+                f"the model's has {model.config.vocab_size}"
+            )
+        cut_window(teacher, int(processor.window_seconds))
+        return teacher.eval().requires_grad_(False)
+
+    def distillation_loss(self, model, teacher, batch, weight, temperature):
+        """(1 - weight) x cross-entropy + weight x T^2 x KL(teacher || model), the KL over
+        the label positions, both distributions softened by T (Hinton et al., 2015)."""
+        with parametrize.cached():
+            out = model(**batch)
+        with torch.no_grad():
+            target = teacher(**batch).logits
+        keep = batch["labels"] != -100
+        student = torch.log_softmax(out.logits[keep].float() / temperature, dim=-1)
+        teacher_p = torch.log_softmax(target[keep].float() / temperature, dim=-1)
+        kl = torch.nn.functional.kl_div(student, teacher_p, log_target=True, reduction="batchmean")
+        return (1 - weight) * out.loss + weight * temperature**2 * kl
 
     def features(self, model, processor, audio):
         runtime = isinstance(model, RUNTIME_MODELS)

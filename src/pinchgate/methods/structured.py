@@ -27,6 +27,7 @@ from pinchgate.structured_gates import (
 )
 
 UNIT_KINDS = ("ffn", "heads", "layers")
+COSTS = ("params", "flops")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class StructuredOptions:
 
     units: str = "ffn+heads"
     uniform: int = 0  # 1: the same number of groups kept in every layer of a stack
+    cost: str = "params"  # what the target counts: params, or flops (multiply-adds per s)
 
     def kinds(self) -> list[str]:
         return [kind for kind in self.units.split("+") if kind]
@@ -52,6 +54,10 @@ class StructuredOptions:
             )
         if self.uniform not in (0, 1):
             raise PinchgateError(f"--method {spec}: uniform must be 0 or 1")
+        if self.cost not in COSTS:
+            raise PinchgateError(
+                f"--method {spec}: cost={self.cost!r}; choose from {', '.join(COSTS)}"
+            )
         if self.uniform and kinds != ["ffn"]:
             raise PinchgateError(
                 f"--method {spec}: uniform=1 keeps feed-forward widths equal per stack; "
@@ -85,6 +91,13 @@ class StructuredGateMethod(GateMethod):
         gate_cfg = StructuredGateConfig(cfg.tau_rel, cfg.threshold_init_rel, cfg.tying)
         options = self.options or StructuredOptions()
         kinds = options.kinds()
+        by_cost = options.cost == "flops"
+        if by_cost and cfg.target_ratio is not None:
+            raise PinchgateError(
+                f"--method {cfg.method}: cost=flops counts multiply-adds, not parameters; give "
+                "--target-sparsity (the share of the units' multiply-adds to remove), not "
+                "--target-ratio"
+            )
         if options.uniform and cfg.tying != "matrix":
             raise PinchgateError(
                 f"--method {cfg.method}: uniform=1 sets each unit's threshold; it needs "
@@ -95,7 +108,7 @@ class StructuredGateMethod(GateMethod):
             units = _without_overlap([u for u in family.structured_units(model) if u.kind in kinds])
             if not units:
                 raise ValueError(f"{family.name} models have no {'+'.join(kinds)} units")
-            self.gates = attach_structured_gates(model, gate_cfg, units)
+            self.gates = attach_structured_gates(model, gate_cfg, units, cost=by_cost)
         except ValueError as exc:
             raise PinchgateError(f"--model {cfg.model}: {exc}") from None
         grouped = self.gates.numel
@@ -115,12 +128,19 @@ class StructuredGateMethod(GateMethod):
         }
         names = {"ffn": "FFN neurons", "heads": "heads", "layers": "decoder layers"}
         t = self.target
+        if by_cost:
+            goal = (
+                f"{self.gates.weight / 1e9:.3f} G multiply-adds per second of audio); target: "
+                f"{t.sparsity:.4f} of them removed"
+            )
+        else:
+            goal = f"target: {t.compression_ratio:.2f}x = structured sparsity {t.sparsity:.4f}"
         say(
             "structured gates on "
             + " and ".join(f"{counts[k]:,} {names[k]}" for k in kinds)
-            + f" ({grouped:,} of "
-            f"{total:,} parameters); target: {t.compression_ratio:.2f}x = structured sparsity "
-            f"{t.sparsity:.4f}"
+            + f" ({grouped:,} of {total:,} parameters"
+            + (", " if by_cost else "); ")
+            + goal
         )
 
     def fit_thresholds(self, gates: StructuredGates) -> float:
@@ -129,14 +149,23 @@ class StructuredGateMethod(GateMethod):
         return gates.fit_thresholds(self.target.sparsity)
 
     def freeze(self, gates: StructuredGates) -> tuple[int, int]:
-        """Structured gates keep whole groups, so they land as close as groups allow."""
-        return gates.freeze_masks()
+        """Structured gates keep whole groups, so they land as close as groups allow.
+        (kept, total) in what the target counts: parameters, or cost."""
+        gates.freeze_masks()
+        return round(gates.hard_kept_fraction() * gates.weight), round(gates.weight)
 
     def finalize(self, model: nn.Module) -> CompressionSummary:
         gates = structured_gates_of(model)
         started = time.perf_counter()
         factor = self.fit_now_or_recall(gates)
         structure = gates.structure()
+        extra = {}
+        if gates.counts_cost:  # the target was a share of the units' multiply-adds
+            extra = {
+                "cost": "flops",
+                "cost_total": gates.weight,
+                "cost_sparsity": 1.0 - gates.hard_kept_fraction(),
+            }
         hardened = gates.harden()
         return self.summary(
             model,
@@ -146,4 +175,5 @@ class StructuredGateMethod(GateMethod):
             granularity="structured",
             largest_group_params=max(s.group_size for s in hardened.layers),
             groups=structure,
+            **extra,
         )
