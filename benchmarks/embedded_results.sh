@@ -143,6 +143,12 @@ step kd-dec2-4h "$s19c/kd-dec2-4h/results.json" pinchgate finetune \
     --train "$runs/synth4k/pretrain" --max-steps 450 --warmup-steps 45 \
     --distill-from "$c/seed0/dense" --no-zero-shot --output-dir "$s19c/kd-dec2-4h"
 step kd-dec2-4h-significance "" pinchgate significance "$c/seed0/dense" "$s19c/kd-dec2-4h"
+step ce-dec2-4h "$s19c/ce-dec2-4h/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec2" \
+    --train "$runs/synth4k/pretrain" --max-steps 450 --warmup-steps 45 --no-zero-shot \
+    --output-dir "$s19c/ce-dec2-4h"
+step ce-dec2-4h-significance "" pinchgate significance "$c/seed0/dense" "$s19c/ce-dec2-4h"
+step ce-vs-kd-4h-significance "" pinchgate significance "$s19c/ce-dec2-4h" "$s19c/kd-dec2-4h"
 step kd-dec2-4h-fe "$s19c/kd-dec2-4h-fe/results.json" pinchgate finetune \
     --config "$s19b/dense-ft-config.yaml" --model "$s19b/cut/dec2" \
     --train "$runs/synth4k/pretrain" --max-steps 450 --warmup-steps 45 --freeze-encoder \
