@@ -532,7 +532,8 @@ def test_group_costs_follow_the_shapes_and_a_layer_costs_its_parts(tiny_whisper_
     d, head, frames = c.d_model, c.d_model // c.encoder_attention_heads, c.max_source_positions
     assert cost["encoder.ffn"] == 50 * 2 * d
     assert cost["encoder.heads"] == 50 * (4 * d * head + 2 * frames * head)
-    cross = 4 * (2 * d * head + 2 * frames * head) + 50 * 2 * d * head
+    dec = d // c.decoder_attention_heads
+    cross = 4 * (2 * d * dec + 2 * frames * dec) + 50 * 2 * d * dec
     assert cost["decoder.encoder_attn"] == cross
     units = {u.name: u for u in structured_units(model)}
     name = "model.decoder.layers.0"

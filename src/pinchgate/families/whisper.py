@@ -415,15 +415,16 @@ def group_costs(model: nn.Module) -> dict[str, float]:
     q/k/v/out rows and its attention over the window's T frames), an encoder neuron, a
     decoder self-attention head (projections), a cross-attention head (q/out and attention
     over T frames per token, its keys and values once per frame), a decoder neuron."""
-    d = model.config.d_model
-    head = d // model.config.encoder_attention_heads
-    frames = model.config.max_source_positions  # T: the encoder window in frames
+    config = model.config
+    d = config.d_model
+    enc, dec = d // config.encoder_attention_heads, d // config.decoder_attention_heads
+    frames = config.max_source_positions  # T: the encoder window in frames
     f, t = ENCODER_FRAMES_PER_SECOND, DECODER_TOKENS_PER_SECOND
     return {
-        "encoder.heads": f * (4 * d * head + 2 * frames * head),
+        "encoder.heads": f * (4 * d * enc + 2 * frames * enc),
         "encoder.ffn": f * 2 * d,
-        "decoder.self_attn": t * 4 * d * head,
-        "decoder.encoder_attn": t * (2 * d * head + 2 * frames * head) + f * 2 * d * head,
+        "decoder.self_attn": t * 4 * d * dec,
+        "decoder.encoder_attn": t * (2 * d * dec + 2 * frames * dec) + f * 2 * d * dec,
         "decoder.ffn": t * 2 * d,
     }
 
