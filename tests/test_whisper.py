@@ -580,6 +580,7 @@ def test_compress_with_cost_flops_reports_multiply_adds_and_refuses_a_ratio(
     cfg.method, cfg.train_dense_reference, cfg.target_ratio = "structured:cost=flops", False, 1.5
     with pytest.raises(PinchgateError, match="give --target-sparsity"):
         run_compress(cfg)
+    assert not (tmp_path / "ratio").exists()  # refused before anything is written
     cfg.method = "structured:cost=seconds"
     with pytest.raises(PinchgateError, match="cost='seconds'; choose from params, flops"):
         run_compress(cfg)

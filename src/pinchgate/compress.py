@@ -57,6 +57,12 @@ def check_config(cfg: CompressConfig) -> tuple[str, object]:
                     f"--{option.replace('_', '-')}: a weight-level option, not for "
                     "--method structured"
                 )
+        if options.cost == "flops" and cfg.target_ratio is not None:
+            raise PinchgateError(
+                f"--method {cfg.method}: cost=flops counts multiply-adds, not parameters; give "
+                "--target-sparsity (the share of the units' multiply-adds to remove), not "
+                "--target-ratio"
+            )
     return name, options
 
 

@@ -92,12 +92,6 @@ class StructuredGateMethod(GateMethod):
         options = self.options or StructuredOptions()
         kinds = options.kinds()
         by_cost = options.cost == "flops"
-        if by_cost and cfg.target_ratio is not None:
-            raise PinchgateError(
-                f"--method {cfg.method}: cost=flops counts multiply-adds, not parameters; give "
-                "--target-sparsity (the share of the units' multiply-adds to remove), not "
-                "--target-ratio"
-            )
         if options.uniform and cfg.tying != "matrix":
             raise PinchgateError(
                 f"--method {cfg.method}: uniform=1 sets each unit's threshold; it needs "
