@@ -433,7 +433,7 @@ def structured_units(model: nn.Module) -> list[UnitSpec]:
     """Every attention's heads and every FFN's neurons, then every decoder layer whole;
     each with its cost in multiply-adds per second of audio (`group_costs`)."""
     costs = group_costs(model)
-    units = []
+    units, layer_costs = [], {}
     for name, layer, is_decoder in _layers(model):
         for kind in ("self_attn", "encoder_attn") if is_decoder else ("self_attn",):
             attention = getattr(layer, kind)
@@ -446,12 +446,12 @@ def structured_units(model: nn.Module) -> list[UnitSpec]:
         members.append(Member(layer.fc2, "weight", 1))
         cost = costs["decoder.ffn" if is_decoder else "encoder.ffn"]
         units.append(UnitSpec(f"{name}.ffn", "ffn", members, layer.fc1.out_features, cost=cost))
+        # A whole layer costs what its heads and neurons cost.
+        layer_costs[name] = sum(u.n_groups * u.cost for u in units if u.name.startswith(name + "."))
     for name, layer, is_decoder in _layers(model):
         if is_decoder:
-            heads = layer.self_attn.num_heads * costs["decoder.self_attn"]
-            heads += layer.encoder_attn.num_heads * costs["decoder.encoder_attn"]
-            cost = heads + layer.fc1.out_features * costs["decoder.ffn"]
-            units.append(dataclasses.replace(_layer_unit(name, layer), cost=cost))
+            unit = _layer_unit(name, layer)
+            units.append(dataclasses.replace(unit, cost=layer_costs[name]))
     return units
 
 
