@@ -158,6 +158,27 @@ step decode-s19c "" python benchmarks/whisper_decode.py --model dense="$c/seed0/
     --model kd-dec2-4h="$s19c/kd-dec2-4h" --model ffn-flops50="$s19c/ffn-flops50/model-shrunk" \
     --runtime torch ct2-int8 --utterances 40 --rounds 2 --work "$s19c/decode" \
     --json "$s19c/decode.json" --plot "$s19c/decode.png"
+# A smaller vocabulary (pinchgate trim-vocab), and the dense model given the same 4 h
+# (2026-12-02).
+s19d="$runs/s19d"
+step trim-v8k "$s19d/v8k/config.json" pinchgate trim-vocab "$c/seed0/dense" "$s19d/v8k" \
+    --keep 8192
+step v8k-ft "$s19d/v8k-ft/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19d/v8k" --output-dir "$s19d/v8k-ft"
+step v8k-4h "$s19d/v8k-4h/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19d/v8k-ft/model" \
+    --train "$runs/synth4k/pretrain" --max-steps 450 --warmup-steps 45 --save-every 50 \
+    --output-dir "$s19d/v8k-4h"
+step dense-4h "$s19d/dense-4h/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$c/seed0/dense/model" \
+    --train "$runs/synth4k/pretrain" --max-steps 450 --warmup-steps 45 --save-every 50 \
+    --output-dir "$s19d/dense-4h"
+step dense-4h-significance "" pinchgate significance "$c/seed0/dense" "$s19d/dense-4h"
+step v8k-4h-significance "" pinchgate significance "$s19d/dense-4h" "$s19d/v8k-4h"
+step dec2-4h-significance "" pinchgate significance "$s19d/dense-4h" "$s19c/ce-dec2-4h"
+step decode-s19d "" python benchmarks/whisper_decode.py --model dense-4h="$s19d/dense-4h" \
+    --model vocab8k-4h="$s19d/v8k-4h" --utterances 40 --rounds 2 --work "$s19d/decode" \
+    --json "$s19d/decode.json" --plot "$s19d/decode.png"
 echo "== all done ($(date -u +%H:%M:%S)); tables: python benchmarks/compare.py --out $c" \
     "--report-only --methods gates ump global-magnitude gmp parp str structured gates-long;" \
     "python benchmarks/ablation.py --table-only --dense-reference $c/seed0/dense"

@@ -1,6 +1,6 @@
 """Artifacts of a finished run, whatever the model family: load any saved form, export to ONNX
-or CTranslate2 (through the family), check an export against PyTorch, and shrink a
-structurally pruned model.
+or CTranslate2 (through the family), check an export against PyTorch, shrink a structurally
+pruned model, and cut a Whisper's vocabulary.
 
 The packed format itself is `pinchgate.packing`; the model-specific parts (the ONNX graph,
 the shrinking surgery) are the family's.
@@ -168,4 +168,29 @@ def shrink_dir(source: str | Path, out_dir: str | Path) -> dict:
         "params_before": count_parameters(model)["total"],
         "params_after": count_parameters(shrunk)["total"],
         "structure": getattr(shrunk.config, "pinchgate_structure", None),
+    }
+
+
+def trim_vocab_dir(source: str | Path, out_dir: str | Path, keep: int) -> dict:
+    """Cut the output vocabulary of a model (any saved form) to `keep` text tokens and the
+    special ones (Whisper: `families/whisper_vocab.py`), saved with its tokenizer in
+    ``out_dir``; returns sizes."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise PinchgateError(f"{out_dir}: already exists and is not empty; choose a new path")
+    model, family, processor, _ = load_with_processor(source)
+    before = count_parameters(model)["total"]
+    vocab_before = model.config.vocab_size
+    try:
+        kept = family.trim_vocabulary(model, processor, keep, out_dir)
+    except NotImplementedError as exc:
+        raise PinchgateError(f"{source}: {exc}") from None
+    except ValueError as exc:
+        raise PinchgateError(f"{source}: {exc}") from None
+    return {
+        "vocab_before": vocab_before,
+        "vocab_after": len(kept),
+        "text_tokens": keep,
+        "params_before": before,
+        "params_after": count_parameters(model)["total"],
     }

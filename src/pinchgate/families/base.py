@@ -191,6 +191,11 @@ class ModelFamily(ABC):
         """A copy of a hardened model without its zeroed groups: same outputs, fewer
         parameters, its structure recorded in its config."""
 
+    def trim_vocabulary(self, model: nn.Module, processor, keep: int, path: Path) -> list[int]:
+        """Cut the output vocabulary to its `keep` most frequent text tokens and the special
+        ones; save model and tokenizer at `path`; return the kept ids."""
+        raise NotImplementedError(f"vocabulary trimming is not available for {self.name} models")
+
     # --- export -------------------------------------------------------------------------------
     @abstractmethod
     def save(self, model: nn.Module, processor, path: Path) -> Path:

@@ -49,12 +49,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from pinchgate.checkpoint import move_into_place
 from pinchgate.console import say
 from pinchgate.errors import ModelLoadError, PinchgateError
 from pinchgate.families.base import Member, ModelFamily, UnitSpec
 from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
 from pinchgate.families.whisper_ct2 import Ct2Whisper, export_ct2
 from pinchgate.families.whisper_onnx import OnnxWhisper, export_whisper_onnx
+from pinchgate.families.whisper_vocab import kept_ids, trim_model, trim_tokenizer_files
 from pinchgate.modeldir import (
     check_loading_info,
     check_model_dir,
@@ -941,6 +943,24 @@ class WhisperFamily(ModelFamily):
             "logits_max_abs_diff": float(np.abs(logits - wanted).max()),
             "steps": len(logits),
         }
+
+    def trim_vocabulary(self, model, processor, keep, path):
+        """Keep the first `keep` text tokens and every special one (`whisper_vocab.py`); save
+        the model with its renumbered tokenizer at `path`. Returns the kept ids."""
+        unfollow_embedding(model)
+        kept = kept_ids(processor.tokenizer, model.config.vocab_size, keep)
+        trim_model(model, kept)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.trim")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.save(model, processor, tmp)
+        trim_tokenizer_files(tmp, kept)
+        trimmed = load_processor(tmp, processor.text_style, processor.language)
+        wanted = [kept.index(i) for i in processor.tokenizer.prefix_tokens]
+        if trimmed.tokenizer.prefix_tokens != wanted:  # the renumbering is the whole point
+            raise PinchgateError(f"{tmp}: the trimmed tokenizer's prompt is not the model's")
+        move_into_place(tmp, path)
+        return kept
 
     def save(self, model, processor, path):
         unfollow_embedding(model)
