@@ -791,7 +791,9 @@ def trim_vocab(
 ) -> None:
     """Cut a Whisper's output vocabulary (its token embedding, which is also the output
     projection, read in full at every decoding step) to the first KEEP text tokens, and
-    renumber tokenizer, config and generation config: a stock Whisper that decodes faster.
+    renumber tokenizer, config and generation config: a smaller stock Whisper, faster where
+    the projection is a large share of a decoding step (tiny.en at 8,192: PyTorch batch 1
+    1.48x, CTranslate2 int8 1.04x).
 
     Text still tokenizes (into shorter pieces), but the model has not learned those pieces:
     fine-tune it before use (`pinchgate finetune --model OUTPUT`).
