@@ -134,6 +134,14 @@ def test_a_trimmed_whisper_trains_on_its_own_tokens(trimmed_dir, toy_corpus, tmp
         for d in (tmp_path / "run" / "model", trimmed_dir)
     )
     assert saved["vocab_size"] == trimmed["vocab_size"]
+    # A run directory names its final model: training goes on from it.
+    again = runs.tiny_config(
+        FinetuneConfig, toy_corpus, tmp_path / "again", model=str(tmp_path / "run")
+    )
+    again.max_steps, again.warmup_steps, again.save_every, again.test = 2, 1, 2, []
+    run_finetune(again)
+    resumed = json.loads((tmp_path / "again" / "model" / "config.json").read_text())
+    assert resumed["vocab_size"] == trimmed["vocab_size"]
 
 
 @pytest.mark.parametrize(

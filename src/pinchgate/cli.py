@@ -109,8 +109,8 @@ def finetune(
     model: Annotated[
         str | None,
         Opt(
-            help="HF model dir or hub id; built in: whisper-tiny.en (the default), standin "
-            "(the wav2vec2 CTC stand-in), toy (a tiny random wav2vec2)."
+            help="HF model dir, run dir or hub id; built in: whisper-tiny.en (the default), "
+            "standin (the wav2vec2 CTC stand-in), toy (a tiny random wav2vec2)."
         ),
     ] = None,
     train: Annotated[
@@ -193,8 +193,8 @@ def compress(
     model: Annotated[
         str | None,
         Opt(
-            help="HF model dir or hub id; built in: whisper-tiny.en (the default), standin "
-            "(the wav2vec2 CTC stand-in), toy (a tiny random wav2vec2)."
+            help="HF model dir, run dir or hub id; built in: whisper-tiny.en (the default), "
+            "standin (the wav2vec2 CTC stand-in), toy (a tiny random wav2vec2)."
         ),
     ] = None,
     train: Annotated[str | None, Opt(help="Training corpus (dir or manifest).")] = None,

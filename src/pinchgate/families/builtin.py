@@ -40,11 +40,15 @@ MANIFEST = "pinchgate_cache.json"  # the SHA-256 of every file the conversion wr
 
 
 def resolve_model(spec: str) -> str:
-    """The path (or `toy`) a model spec stands for; anything else is returned as given."""
+    """The path (or `toy`) a model spec stands for: a built-in name's directory, a run
+    directory's final `model/`; anything else is returned as given."""
     if spec == WHISPER_TINY_EN:
         return str(whisper_tiny_en())
     if spec == STANDIN:
         return str(STANDIN_MODEL)
+    run_model = Path(spec) / "model"
+    if not (Path(spec) / "config.json").is_file() and (run_model / "config.json").is_file():
+        return str(run_model)  # a run directory (finetune, compress)
     return spec
 
 
