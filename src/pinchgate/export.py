@@ -183,9 +183,7 @@ def trim_vocab_dir(source: str | Path, out_dir: str | Path, keep: int) -> dict:
     vocab_before = model.config.vocab_size
     try:
         kept = family.trim_vocabulary(model, processor, keep, out_dir)
-    except NotImplementedError as exc:
-        raise PinchgateError(f"{source}: {exc}") from None
-    except ValueError as exc:
+    except (NotImplementedError, ValueError) as exc:  # not Whisper; a --keep it cannot take
         raise PinchgateError(f"{source}: {exc}") from None
     return {
         "vocab_before": vocab_before,

@@ -56,7 +56,12 @@ from pinchgate.families.base import Member, ModelFamily, UnitSpec
 from pinchgate.families.surgery import empty_linear, head_rows, sliced_linear
 from pinchgate.families.whisper_ct2 import Ct2Whisper, export_ct2
 from pinchgate.families.whisper_onnx import OnnxWhisper, export_whisper_onnx
-from pinchgate.families.whisper_vocab import kept_ids, trim_model, trim_tokenizer_files
+from pinchgate.families.whisper_vocab import (
+    kept_ids,
+    renumbering,
+    trim_model,
+    trim_tokenizer_files,
+)
 from pinchgate.modeldir import (
     check_loading_info,
     check_model_dir,
@@ -956,7 +961,8 @@ class WhisperFamily(ModelFamily):
         self.save(model, processor, tmp)
         trim_tokenizer_files(tmp, kept)
         trimmed = load_processor(tmp, processor.text_style, processor.language)
-        wanted = [kept.index(i) for i in processor.tokenizer.prefix_tokens]
+        new_id = renumbering(kept)
+        wanted = [new_id[i] for i in processor.tokenizer.prefix_tokens]
         if trimmed.tokenizer.prefix_tokens != wanted:  # the renumbering is the whole point
             raise PinchgateError(f"{tmp}: the trimmed tokenizer's prompt is not the model's")
         move_into_place(tmp, path)

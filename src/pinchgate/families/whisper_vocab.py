@@ -18,6 +18,7 @@ faster-whisper load it as they load any Whisper.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def trim_tokenizer_json(data: dict, kept: list[int]) -> dict:
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"tokenizer.json: a {model.get('type')} model, not a byte-level BPE")
+    data = copy.deepcopy(data)
     new_id = renumbering(kept)
     vocab = {token: new_id[i] for token, i in model["vocab"].items() if i in new_id}
     merges = []
@@ -130,7 +132,6 @@ def trim_tokenizer_json(data: dict, kept: list[int]) -> dict:
         left, right = _merge_parts(merge)
         if left in vocab and right in vocab and left + right in vocab:
             merges.append(merge)
-    data = dict(data)
     data["model"] = dict(model, vocab=vocab, merges=merges)
     added = []
     for token in data.get("added_tokens", []):
