@@ -176,9 +176,19 @@ step dense-4h "$s19d/dense-4h/results.json" pinchgate finetune \
 step dense-4h-significance "" pinchgate significance "$c/seed0/dense" "$s19d/dense-4h"
 step v8k-4h-significance "" pinchgate significance "$s19d/dense-4h" "$s19d/v8k-4h"
 step dec2-4h-significance "" pinchgate significance "$s19d/dense-4h" "$s19c/ce-dec2-4h"
+step trim-v16k "$s19d/cut-v16k/config.json" pinchgate trim-vocab "$c/seed0/dense" \
+    "$s19d/cut-v16k" --keep 16384
+step v16k-4h "$s19d/v16k-4h/results.json" pinchgate finetune \
+    --config "$s19b/dense-ft-config.yaml" --model "$s19d/cut-v16k" \
+    --train "$runs/synth4k/pretrain" --max-steps 450 --warmup-steps 45 --save-every 50 \
+    --output-dir "$s19d/v16k-4h"
+step v16k-4h-significance "" pinchgate significance "$s19d/dense-4h" "$s19d/v16k-4h"
 step decode-s19d "" python benchmarks/whisper_decode.py --model dense-4h="$s19d/dense-4h" \
     --model vocab8k-4h="$s19d/v8k-4h" --utterances 40 --rounds 2 --work "$s19d/decode" \
     --json "$s19d/decode.json" --plot "$s19d/decode.png"
+step decode-s19d-16k "" python benchmarks/whisper_decode.py --model dense-4h="$s19d/dense-4h" \
+    --model vocab16k-4h="$s19d/v16k-4h" --runtime torch ct2-int8 --utterances 40 --rounds 2 \
+    --work "$s19d/decode16" --json "$s19d/decode16.json"
 echo "== all done ($(date -u +%H:%M:%S)); tables: python benchmarks/compare.py --out $c" \
     "--report-only --methods gates ump global-magnitude gmp parp str structured gates-long;" \
     "python benchmarks/ablation.py --table-only --dense-reference $c/seed0/dense"
