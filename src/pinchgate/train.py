@@ -36,7 +36,6 @@ from pinchgate.errors import PinchgateError
 from pinchgate.evaluate import EvalResult, evaluate_corpus
 from pinchgate.families import ModelFamily, count_parameters, family_for, resolve_model
 from pinchgate.methods.base import CompressionMethod
-from pinchgate.modeldir import resolve_model_dir
 
 DECODED_CLIPS = "decoded_clips.json"  # in a run directory: what decoding each clip found
 # Files of a run directory derived from its configuration: replaced with it (claim_run_dir).
@@ -280,9 +279,7 @@ def load_teacher(cfg: FinetuneConfig, family, processor, model, device, say):
     or None without one."""
     if cfg.distill_from is None:
         return None
-    source = resolve_model(cfg.distill_from)
-    if Path(source).exists():
-        source = str(resolve_model_dir(source))
+    source = resolve_model(cfg.distill_from)  # a run directory names its final model/
     teacher = family.teacher_model(source, processor, model).to(device)
     say(
         f"teacher: {cfg.distill_from} (weight {cfg.distill_weight}, "

@@ -24,6 +24,7 @@ from pinchgate.console import say
 from pinchgate.data.builtin import cache_dir
 from pinchgate.errors import ModelLoadError
 from pinchgate.families.ct2 import convert_ct2_whisper, find_packaged_ct2_dir
+from pinchgate.modeldir import resolve_model_dir
 
 WHISPER_TINY_EN = "whisper-tiny.en"
 STANDIN = "standin"
@@ -46,9 +47,8 @@ def resolve_model(spec: str) -> str:
         return str(whisper_tiny_en())
     if spec == STANDIN:
         return str(STANDIN_MODEL)
-    run_model = Path(spec) / "model"
-    if not (Path(spec) / "config.json").is_file() and (run_model / "config.json").is_file():
-        return str(run_model)  # a run directory (finetune, compress)
+    if Path(spec).is_dir() and resolve_model_dir(spec) != Path(spec):
+        return str(resolve_model_dir(spec))  # a run directory (finetune, compress)
     return spec
 
 
